@@ -1,0 +1,822 @@
+"""Think-at-Hard (TaH) in one file of plain PyTorch.
+
+TaH (Fu et al., "Think-at-Hard: Selective Latent Iterations to Improve Reasoning Language
+Models", arXiv 2511.08577) takes a Qwen3 language model and gives the tokens that are hard to
+predict a second, latent pass through the same layers:
+
+  pass 1   every token goes through the plain Qwen3 (LoRA off) -> logits z1
+  decide   a small MLP (the decider) reads pass-1 features and picks the hard tokens
+  pass 2   each hard token re-enters layer 0 as a *soft token* (the top-k softmax of z1 mixed
+           over embedding rows) at its own position, with LoRA on, and attends duo-causally:
+           to earlier positions at its own depth or below -> logits z2
+  output   z1 + z2 for the hard tokens, z1 for the rest (a residual in logit space)
+
+Qwen3 facts used below: pre-norm RMSNorm, RMSNorm on every query/key head (q_norm/k_norm),
+rotary embeddings on split halves, grouped-query attention, SwiGLU MLP, optional tied embeddings.
+
+Sections, in reading order (one tutorial chapter each):
+  config | norms and RoPE | duo-causal attention | decoder layer and LoRA | the TaH model |
+  decider | loading and saving | tokenizer and chat format | generation
+
+Dimensions: B batch, T tokens, S cache slots, N query heads, G key/value heads, K head_dim,
+H hidden size, V vocab, L layers, d depth (pass number, 1-based).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class Qwen3Config:
+    """The fields of a Hugging Face Qwen3 `config.json` that define the network."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128  # given explicitly: NOT hidden_size // num_attention_heads for Qwen3
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = True
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3Config":
+        """Keeps the known keys of a config.json; rejects what this file cannot run."""
+        if d.get("model_type", "qwen3") != "qwen3":
+            raise ValueError(f"config.json has model_type={d['model_type']!r}; tah.py implements "
+                             "only 'qwen3' (Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
+        d = dict(d)
+        rope = d.get("rope_parameters") or {}  # newer transformers nest rope_theta here
+        if "rope_theta" not in d and "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if (d.get("rope_scaling") or {}).get("rope_type", "default") != "default" or \
+                rope.get("rope_type", "default") != "default":
+            raise ValueError("config.json asks for scaled RoPE; tah.py implements only plain RoPE")
+        if d.get("attention_bias") or d.get("use_sliding_window"):
+            raise ValueError("config.json asks for attention biases or sliding windows; "
+                             "Qwen3 dense models use neither and tah.py implements neither")
+        d.setdefault("torch_dtype", d.get("dtype", "float32"))
+        if "head_dim" not in d and "hidden_size" in d and "num_attention_heads" in d:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            v = getattr(cfg, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"config.json: {name} must be a positive integer, got {v!r}")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"config.json: num_attention_heads ({cfg.num_attention_heads}) must "
+                             f"be a multiple of num_key_value_heads ({cfg.num_key_value_heads})")
+        if cfg.head_dim % 2:
+            raise ValueError(f"config.json: head_dim must be even for RoPE, got {cfg.head_dim}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **asdict(self)}
+
+
+@dataclass
+class TaHConfig:
+    """The TaH knobs. lora_r = 0 means no LoRA; decider_layers = None means no decider."""
+
+    max_iter: int = 2  # passes a token may get; 2 in every published recipe
+    input_topk: int = 100  # top-k logits mixed into the soft token of the next pass
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
+    decider_layers: list[int] | None = None  # hidden-state indices: 0 = embeddings, k = layer k
+    decider_topk: int = 100
+    decider_dims: list[int] = field(default_factory=lambda: [256] * 6)
+    decider_expansion: int = 4
+    decider_dropout: float = 0.1
+    threshold: float = 0.9  # iterate iff sigmoid(decider logit) > threshold
+
+
+# ----------------------------------------------------------------------------- norms and RoPE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype  # normalise in fp32, scale in the input dtype (as Qwen3 does)
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, T, K) in fp32 for integer positions (B, T)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    angles = pos[..., None].float() * inv_freq  # (B, T, K/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, K): the two halves share frequencies
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (B, heads, T, K) by the angles of its positions; pairs are (i, i + K/2)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, K)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- duo-causal attention
+
+
+def duo_causal_mask(q_pos, q_depth, k_pos, k_depth) -> torch.Tensor:
+    """True = may attend. A query at (position i, depth d) sees a key at (j, e) iff j <= i and
+    e <= d. That the key exists (token j really got pass e, and is not padding) is the caller's
+    business: keys that were never computed are not in the cache, or are marked invalid."""
+    return (k_pos <= q_pos) & (k_depth <= q_depth)
+
+
+def attention_reference(q, k, v, mask):
+    """Readable attention, (B, N, T, K) x (B, G, S, K) -> (B, N, T, K); the fast path is SDPA."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, N, S, K): share kv heads
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, N, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Qwen3Config, t: TaHConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = LoRALinear(c.hidden_size, q_dim, t)
+        self.k_proj = LoRALinear(c.hidden_size, kv_dim, t)
+        self.v_proj = LoRALinear(c.hidden_size, kv_dim, t)
+        self.o_proj = LoRALinear(q_dim, c.hidden_size, t)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x, rope, mask, past, write, lora):
+        """x (B, T, H); mask (B, T, S_all); past: [(k, v)] of the lower depths of this layer;
+        write(k, v) stores this depth's keys (in a cache) and returns all keys of this depth."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x, lora).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x, lora).view(B, T, self.n_kv, self.head_dim))
+        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, K)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = write(k, v)
+        k_all = torch.cat([pk for pk, _ in past] + [k], dim=2)  # (B, G, S_all, K), depth-major
+        v_all = torch.cat([pv for _, pv in past] + [v], dim=2)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, N*K)
+        return self.o_proj(y, lora), (k, v)
+
+
+# ----------------------------------------------------------------------------- decoder layer and LoRA
+
+
+class LoRALinear(nn.Module):
+    """A bias-free Linear with an optional low-rank adapter that only pass 2 and later use:
+    y = x W^T + (alpha / r) * B(A(dropout(x))). Keys: `weight`, `lora_A.weight`, `lora_B.weight`."""
+
+    def __init__(self, n_in: int, n_out: int, t: TaHConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.lora_A = self.lora_B = None
+        if t.lora_r > 0:
+            self.lora_A = nn.Linear(n_in, t.lora_r, bias=False)
+            self.lora_B = nn.Linear(t.lora_r, n_out, bias=False)
+            self.dropout = nn.Dropout(t.lora_dropout)
+            self.scale = t.lora_alpha / t.lora_r
+
+    def reset_lora(self) -> None:
+        """PEFT's initialisation: A random, B zero, so a new adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if lora and self.lora_A is not None:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Qwen3Config, t: TaHConfig):
+        super().__init__()
+        self.gate_proj = LoRALinear(c.hidden_size, c.intermediate_size, t)
+        self.up_proj = LoRALinear(c.hidden_size, c.intermediate_size, t)
+        self.down_proj = LoRALinear(c.intermediate_size, c.hidden_size, t)
+
+    def forward(self, x, lora):
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Qwen3Config, t: TaHConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, t)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c, t)
+
+    def forward(self, x, rope, mask, past, write, lora):
+        a, kv = self.self_attn(self.input_layernorm(x), rope, mask, past, write, lora)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x), lora), kv
+
+
+# ----------------------------------------------------------------------------- the TaH model
+
+
+class KVCache:
+    """Keys and values of every (layer, depth), written at explicit slots: slot s holds sequence
+    index s at every depth, and `valid` marks which (slot, depth) entries really exist."""
+
+    def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
+        c, D = model.config, model.tah.max_iter
+        p = model.model.embed_tokens.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(D)]
+                  for _ in range(c.num_hidden_layers)]
+        self.v = [[torch.zeros_like(k) for k in per_depth] for per_depth in self.k]
+        self.pos = torch.zeros(D, batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(D, batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+
+    def write_meta(self, depth, slots, pos, valid, end):
+        """Records positions/validity of new entries (B, T_d); returns depth's (B, end) views."""
+        self.pos[depth - 1].scatter_(1, slots, pos)
+        self.valid[depth - 1].scatter_(1, slots, valid)
+        return self.pos[depth - 1, :, :end], self.valid[depth - 1, :, :end]
+
+    def write(self, layer, depth, slots, k, v, end):
+        """Stores new keys/values (B, G, T_d, K) at their slots; returns (B, G, end, K) views."""
+        idx = slots[:, None, :, None].expand_as(k)
+        self.k[layer][depth - 1].scatter_(2, idx, k)
+        self.v[layer][depth - 1].scatter_(2, idx, v)
+        return self.k[layer][depth - 1][:, :, :end], self.v[layer][depth - 1][:, :, :end]
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, T, V) final logits: z1, or z1 + z2 (+ ...) where a token iterated
+    iter_count: torch.Tensor  # (B, T) passes each token got
+    continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
+    hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, final norm]
+
+
+class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
+    def __init__(self, c: Qwen3Config, t: TaHConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, t) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class TaH(nn.Module):
+    """Qwen3 with selective latent iterations. `policy` chooses who iterates:
+    "decider" (the default), "standard" (nobody: exactly Qwen3), "always" (everybody), or a
+    (B, T) integer tensor of passes per token (the oracle labels used in training)."""
+
+    def __init__(self, config: Qwen3Config, tah: TaHConfig | None = None):
+        super().__init__()
+        self.config, self.tah = config, tah or TaHConfig(lora_r=0)
+        self.model = TaHModel(config, self.tah)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.decider = Decider(config, self.tah) if self.tah.decider_layers is not None else None
+        self.grad_checkpointing = False  # recompute layers in backward (set by train.py)
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, LoRALinear):
+                nn.init.normal_(m.weight, std=std)
+                if m.lora_A is not None:
+                    m.reset_lora()
+        if self.decider is not None:
+            self.decider.reset_parameters()
+
+    def soft_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next pass's input (..., H): a softmax over the top-k logits mixing the matching
+        embedding rows. It REPLACES the token's embedding; only top-k selection is not smooth."""
+        top, idx = logits.topk(self.tah.input_topk, dim=-1)  # (..., k)
+        w = top.float().softmax(dim=-1).to(self.model.embed_tokens.weight.dtype)
+        return (w[..., None] * self.model.embed_tokens(idx)).sum(dim=-2)  # (..., H)
+
+    def _pass(self, x, pos, valid, slots, depth, cache, end, past, meta, keep):
+        """Runs all layers at one depth over the tokens x (B, T_d, H). Returns the final hidden
+        state and the hidden states listed in `keep` (0 = input, k = output of layer k)."""
+        m = cache.write_meta(depth, slots, pos, valid, end) if cache else (pos, valid)
+        meta.append(m)
+        k_pos = torch.cat([p for p, _ in meta], 1)  # (B, S_all), depth-major like the keys
+        k_depth = torch.cat([torch.full_like(p, e + 1) for e, (p, _) in enumerate(meta)], 1)
+        k_valid = torch.cat([v for _, v in meta], 1)
+        mask = duo_causal_mask(pos[:, :, None], depth, k_pos[:, None], k_depth[:, None])
+        mask = (mask & k_valid[:, None]) | ~valid[:, :, None]  # padding queries: anything, no NaN
+        rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
+        kept = {0: x} if 0 in keep else {}
+        for i, layer in enumerate(self.model.layers):
+            if cache:
+                def write(k, v, i=i):
+                    return cache.write(i, depth, slots, k, v, end)
+            else:
+                def write(k, v):
+                    return k, v
+            args = (x, rope, mask, past[i], write, depth > 1)
+            if self.grad_checkpointing and self.training:
+                x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, kv = layer(*args)
+            past[i] = past[i] + [kv]
+            if i + 1 in keep:
+                kept[i + 1] = x
+        return x, kept
+
+    def forward(self, input_ids: torch.Tensor, policy: str | torch.Tensor = "decider", *,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0, threshold: float | None = None,
+                output_hidden_states: bool = False) -> Output:
+        """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
+        (False = padding); positions (B, T) default to the count of real tokens before each."""
+        B, T = input_ids.shape
+        L, D = self.config.num_hidden_layers, self.tah.max_iter
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        if positions is None:
+            positions = start + (valid.cumsum(1) - 1).clamp(min=0)
+        if isinstance(policy, str) and policy not in ("decider", "standard", "always"):
+            raise ValueError(f"policy must be 'decider', 'standard', 'always' or a tensor, not {policy!r}")
+        if policy == "decider" and self.decider is None:
+            raise ValueError("policy 'decider' needs a model with a decider; this one has none "
+                             "(use policy='standard' or 'always', or load a TaH checkpoint)")
+        use_decider = isinstance(policy, str) and self.decider is not None
+        keep = set(range(L + 1)) if output_hidden_states else set()
+        if use_decider:
+            keep |= set(self.tah.decider_layers)
+        slots = start + torch.arange(T, device=input_ids.device).expand(B, T)
+        end, past, meta = start + T, [[] for _ in range(L)], []
+
+        # pass 1: the plain Qwen3 over every token, LoRA off
+        x, kept = self._pass(self.model.embed_tokens(input_ids), positions, valid, slots, 1,
+                             cache, end, past, meta, keep)
+        h = self.model.norm(x)
+        logits = self.lm_head(h)  # z1 (B, T, V)
+        kept[L] = h  # index L is the final norm's output, as the decider numbers them
+        hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
+        continue_logit = self.decider(kept, logits) if use_decider else None
+        iter_count = valid.long()
+        active = self._decide(policy, 1, continue_logit, threshold, valid)
+
+        # pass 2 (and later): only the active tokens, gathered, at their own positions
+        for depth in range(2, D + 1):
+            if not active.any():
+                break
+            iter_count = iter_count + active.long()
+            n = int(active.sum(1).max())
+            idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
+            q_valid = active.gather(1, idx)  # rows with fewer actives are padded with inactives
+            V = logits.shape[-1]
+            x = self.soft_token(logits.gather(1, idx[..., None].expand(B, n, V)))  # (B, T_d, H)
+            x, kept_d = self._pass(x, positions.gather(1, idx), q_valid, slots.gather(1, idx),
+                                   depth, cache, end, past, meta, keep if depth < D else set())
+            h = self.model.norm(x)
+            z = self.lm_head(h).masked_fill(~q_valid[..., None], 0.0)  # z_d (B, T_d, V)
+            logits = logits.scatter_add(1, idx[..., None].expand(B, n, V), z)  # logit residual
+            if depth < D:  # who goes on: decided among this depth's tokens, scattered back
+                c = self.decider({**kept_d, L: h}, logits.gather(1, idx[..., None].expand(B, n, V))) \
+                    if use_decider else None
+                go = self._decide(policy, depth, c, threshold, q_valid) if not isinstance(policy, torch.Tensor) \
+                    else (policy.gather(1, idx) > depth) & q_valid
+                active = torch.zeros_like(active).scatter(1, idx, go)
+        return Output(logits, iter_count, continue_logit, hidden)
+
+    def _decide(self, policy, depth, continue_logit, threshold, valid):
+        """Which tokens (B, T) get pass depth+1."""
+        if isinstance(policy, torch.Tensor):
+            return (policy > depth) & valid
+        if policy == "standard":
+            return torch.zeros_like(valid)
+        if policy == "always":
+            return valid.clone()
+        t = self.tah.threshold if threshold is None else threshold
+        # compare in fp32 with a strict '>', as the authors' decider does
+        return (torch.sigmoid(continue_logit.float()) > torch.tensor(t, dtype=torch.float32)) & valid
+
+
+# ----------------------------------------------------------------------------- decider
+
+
+class ResidualBlock(nn.Module):
+    """x + MLP(LayerNorm(x)); a Linear skip replaces the identity where the width changes."""
+
+    def __init__(self, n_in: int, n_out: int, expansion: int, dropout: float):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(n_in)
+        self.mlp = nn.Sequential(nn.Linear(n_in, expansion * n_in), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(expansion * n_in, n_out), nn.Dropout(dropout))
+        self.dim_change = nn.Linear(n_in, n_out) if n_in != n_out else nn.Identity()
+
+    def forward(self, x):
+        return self.dim_change(x) + self.mlp(self.layer_norm(x))
+
+
+class DeciderBackbone(nn.Module):
+    def __init__(self, dims: list[int], expansion: int, dropout: float):
+        super().__init__()
+        self.input_projection = nn.Linear(dims[0], dims[0])
+        self.blocks = nn.ModuleList(ResidualBlock(a, b, expansion, dropout)
+                                    for a, b in zip(dims, dims[1:] + dims[-1:]))
+        self.output_layer = nn.Sequential(nn.LayerNorm(dims[-1]), nn.Linear(dims[-1], 1))
+
+    def forward(self, x):
+        x = self.input_projection(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.output_layer(x)
+
+
+class Decider(nn.Module):
+    """Reads pass-1 features of each token and returns the logit of "think again": the hidden
+    states at `decider_layers` concatenated with a projection of the top-k logit values."""
+
+    def __init__(self, c: Qwen3Config, t: TaHConfig):
+        super().__init__()
+        self.layers, self.topk = list(t.decider_layers), t.decider_topk
+        self.logits_projection = nn.Linear(t.decider_topk, c.hidden_size)
+        self.combined_projection = nn.Linear((len(self.layers) + 1) * c.hidden_size, t.decider_dims[0])
+        self.backbone = DeciderBackbone(list(t.decider_dims), t.decider_expansion, t.decider_dropout)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                m.reset_parameters()
+
+    def forward(self, hidden: dict[int, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """hidden: index -> (B, T, H); logits (B, T, V) -> continue logit (B, T)."""
+        dtype = self.combined_projection.weight.dtype  # the decider stays in fp32
+        top = logits.topk(self.topk, dim=-1).values.to(dtype)  # (B, T, k), sorted descending
+        feats = [hidden[i].to(dtype) for i in self.layers] + [self.logits_projection(top)]
+        x = self.combined_projection(torch.cat(feats, dim=-1))  # (B, T, D0)
+        return self.backbone(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # never code
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as it is, or a hub id ("Qwen/Qwen3-0.6B") downloaded to the local cache."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_id)
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such model directory (a hub id looks like 'Qwen/Qwen3-0.6B')")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      f"Offline? Download it where you have a network (`hf download {name} --local-dir "
+                      f"DIR`), copy DIR here and pass that directory instead of the hub id.") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: is {path.parent} a Qwen3/TaH checkpoint?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
+
+
+def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -> dict:
+    """Tensors straight onto `device`, cast one at a time (no second copy of the model)."""
+    from safetensors import safe_open
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                out[k.removeprefix(prefix)] = t.to(dtype) if dtype and t.is_floating_point() else t
+    return out
+
+
+def _backbone_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        missing = [s for s in shards if not (d / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not in {d}: {missing}")
+        return [d / s for s in shards]
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    if list(d.glob("*.bin")) or list(d.glob("*.pt")):
+        raise ValueError(f"{d} has weights only as pickles (.bin/.pt); tah loads safetensors only. "
+                         "Convert them to model.safetensors with a tool you trust.")
+    raise FileNotFoundError(f"{d} has no model.safetensors or model.safetensors.index.json")
+
+
+ACCEPTED = {  # older tah_config.json fields of the authors' code -> the values that mean what we do
+    "input_updater": "TrivialUpdater",  # with topk: the top-k soft token
+    "output_updater": "AdditiveLogitsUpdater",  # z1 + z2
+    "iter_attention_mode": "duo",  # duo-causal attention
+}
+
+
+def tah_config_from_json(j: dict) -> TaHConfig:
+    """Reads a tah_config.json in the authors' schema (ours writes the same schema)."""
+    for key, ok in ACCEPTED.items():
+        if j.get(key) not in (None, ok):
+            raise ValueError(f"tah_config.json: {key} = {j[key]!r} is a variant tah.py does not "
+                             f"implement (it implements {ok!r}); this checkpoint cannot be run here")
+    if j.get("iter_label_generator") not in (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"):
+        raise ValueError(f"tah_config.json: iter_label_generator = {j['iter_label_generator']!r}: tah "
+                         "implements only the reference-mismatch oracle labels")
+    inp = j.get("input_updater_kwargs") or {}
+    if inp.get("use_hidden_states") or ("topk" in inp and inp["topk"] is None):
+        raise ValueError("tah_config.json: input_updater_kwargs asks for a hidden-state or full-"
+                         "softmax input; tah.py implements only the top-k soft token")
+    if j.get("adapter") not in (None, "lora"):
+        raise ValueError(f"tah_config.json: adapter = {j['adapter']!r}; tah.py implements only 'lora'")
+    a = j.get("adapter_kwargs") or {} if j.get("adapter") == "lora" else {}
+    t = TaHConfig(max_iter=j.get("max_iter") or 2, input_topk=inp.get("topk", 100),
+                  lora_r=a.get("r", 0), lora_alpha=a.get("lora_alpha", 0), lora_dropout=a.get("lora_dropout", 0.0))
+    if j.get("iter_decider") == "MLPIterDecider":
+        k = j.get("iter_decider_kwargs") or {}
+        if k.get("normalize_input"):
+            raise ValueError("tah_config.json: the decider's normalize_input=true is not implemented")
+        t.decider_layers, t.decider_topk = list(k["hidden_states_layer_nums"]), k.get("topk", 100)
+        t.decider_dims, t.decider_expansion = list(k["hidden_dims"]), k.get("expansion_factor", 4)
+        t.decider_dropout, t.threshold = k.get("dropout_rate", 0.1), k.get("threshold", 0.9)
+    elif j.get("iter_decider") not in (None, "IterLabelDecider"):
+        raise ValueError(f"tah_config.json: iter_decider = {j['iter_decider']!r}; tah.py implements "
+                         "'MLPIterDecider' (or none: a stage-1 model that iterates by oracle labels)")
+    return t
+
+
+def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
+    j = {"max_iter": t.max_iter, "input_updater_kwargs": {"topk": t.input_topk}, "iter_decider": None,
+         "iter_attention_mode": "duo", "output_updater": "AdditiveLogitsUpdater"}
+    if t.lora_r:
+        j["adapter"] = "lora"
+        j["adapter_kwargs"] = {"r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout,
+                               "target_modules": "all-linear", "bias": "none"}
+    if t.decider_layers is not None:
+        j["iter_decider"] = "MLPIterDecider"
+        j["iter_decider_kwargs"] = {
+            "topk": t.decider_topk, "hidden_states_size": hidden_size,
+            "hidden_states_layer_nums": list(t.decider_layers), "hidden_dims": list(t.decider_dims),
+            "expansion_factor": t.decider_expansion, "dropout_rate": t.decider_dropout,
+            "normalize_input": False, "threshold": t.threshold, "max_iter": t.max_iter}
+    return j
+
+
+def _read_decider(d: Path) -> dict:
+    if (d / "decider.safetensors").exists():
+        return _read_safetensors([d / "decider.safetensors"], "cpu")
+    path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
+    if not path.exists():
+        raise FileNotFoundError(f"{d}: tah_config.json names a decider but there is no "
+                                "decider.safetensors or iter_decider.bin")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}); "
+                         "tah never unpickles arbitrary objects. Re-save the decider's state_dict "
+                         "as decider.safetensors with a tool you trust.") from None
+    state = dict(blob["state_dict"])
+    state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
+    return {k: v.float() for k, v in state.items()}
+
+
+def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+         tah: TaHConfig | None = None) -> TaH:
+    """Loads a Qwen3 or TaH checkpoint: a local directory or a hub id. Reads config.json and
+    model.safetensors (or its shards); with tah_config.json also lora/ and the decider
+    (decider.safetensors, or the authors' iter_decider.bin). Without tah_config.json the model
+    is plain Qwen3, unless `tah` is given: then LoRA and decider are added, freshly initialised.
+    dtype defaults to float32 on the CPU and bfloat16 elsewhere; the decider stays float32."""
+    d = resolve(path_or_id)
+    config = Qwen3Config.from_dict(_read_json(d / "config.json"))
+    has_tah = (d / "tah_config.json").exists()
+    t = tah_config_from_json(_read_json(d / "tah_config.json")) if has_tah else (tah or TaHConfig(lora_r=0))
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    with torch.device("meta"):
+        model = TaH(config, t)
+    state = _read_safetensors(_backbone_files(d), device, dtype)
+    if config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
+        state.pop("lm_head.weight", None)
+        if "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    fresh = []  # modules that start from an initialisation instead of the checkpoint
+    if t.lora_r:
+        if has_tah:
+            files = [d / "lora" / "adapter_model.safetensors"]
+            if not files[0].exists():
+                raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {files[0]} is missing")
+            state.update(_read_safetensors(files, device, dtype, prefix="base_model.model."))
+        else:
+            fresh += [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if model.decider is not None:
+        if has_tah:
+            state.update({"decider." + k: v.to(device) for k, v in _read_decider(d).items()})
+        else:
+            fresh.append(model.decider)
+    for m in fresh:  # materialise just these from the meta device, then initialise
+        if isinstance(m, LoRALinear):
+            m.lora_A.to_empty(device=device), m.lora_B.to_empty(device=device)
+            m.lora_A.to(dtype), m.lora_B.to(dtype), m.reset_lora()
+        else:
+            m.to_empty(device=device).float().reset_parameters()
+        state.update({k: v for k, v in model.state_dict().items() if not v.is_meta and k not in state})
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{d}: the weights do not match config.json/tah_config.json: "
+                         f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                         f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{d}: tensor {k} has shape {tuple(v.shape)} but the config implies "
+                             f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def save(model: TaH, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Writes a checkpoint that `load` reads back exactly, as safetensors + JSON only:
+    config.json and model.safetensors (a plain Hugging Face Qwen3), lora/ (PEFT's layout),
+    decider.safetensors and tah_config.json. Written to a temporary directory, then swapped in,
+    so an interruption never leaves a half-written checkpoint."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    lora = {"base_model.model." + k: state.pop(k) for k in list(state) if ".lora_" in k}
+    decider = {k.removeprefix("decider."): state.pop(k) for k in list(state) if k.startswith("decider.")}
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict() | {"torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if model.tah.lora_r or model.decider is not None or model.tah != TaHConfig(lora_r=0):
+        (tmp / "tah_config.json").write_text(json.dumps(tah_config_to_json(model.tah, model.config.hidden_size), indent=2))
+    if lora:
+        (tmp / "lora").mkdir()
+        save_file(lora, tmp / "lora" / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "lora" / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": model.tah.lora_r, "lora_alpha": model.tah.lora_alpha,
+            "lora_dropout": model.tah.lora_dropout, "bias": "none", "target_modules":
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}, indent=2))
+    if decider:
+        save_file(decider, tmp / "decider.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- tokenizer and chat format
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer.json read with `tokenizers`, plus Qwen3's chat format by hand.
+    Special tokens are looked up by their strings; a vocabulary without them has no chat format."""
+
+    def __init__(self, directory: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        if not (directory / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{directory} has no tokenizer.json")
+        self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        cfg = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+        eos = cfg.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.im_start, self.im_end = self.tok.token_to_id("<|im_start|>"), self.tok.token_to_id("<|im_end|>")
+        self.think, self.end_think = self.tok.token_to_id("<think>"), self.tok.token_to_id("</think>")
+        stops = [self.im_end, self.tok.token_to_id("<|endoftext|>"), eos and self.tok.token_to_id(eos)]
+        self.stop_ids = sorted({i for i in stops if i is not None})
+        self.has_chat = self.im_start is not None and self.im_end is not None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
+        """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant turns
+        keep their <think> block only after the last user turn; with thinking off the generation
+        prompt ends with an empty think block."""
+        if not self.has_chat:
+            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat format; "
+                             "give it a raw prompt instead")
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        out = []
+        for i, m in enumerate(messages):
+            content = m["content"]
+            if m["role"] == "assistant" and "</think>" in content:
+                reasoning, content = content.split("</think>", 1)
+                reasoning = reasoning.split("<think>")[-1].strip("\n")
+                content = content.lstrip("\n")
+                if i > last_user:
+                    content = f"<think>\n{reasoning}\n</think>\n\n{content}"
+            out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            out.append("<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"))
+        return "".join(out)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
+    return Tokenizer(resolve(path_or_id))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): argmax when temperature is 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if min_p:
+        probs = probs.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, 0.0)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p
+        probs = probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: int, *,
+             policy: str = "decider", valid: torch.Tensor | None = None, stop_ids=(),
+             threshold: float | None = None, generator: torch.Generator | None = None,
+             **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the
+    position that predicted the token got. Prompts are left-padded, with `valid` marking real
+    tokens. Prefill runs the full TaH forward (the decider acts on prompt tokens too); each
+    decode step is pass 1, decider and, if chosen, pass 2, through a KV cache per depth."""
+    ids = torch.as_tensor(input_ids, device=model.lm_head.weight.device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    B, T = ids.shape
+    limit = model.config.max_position_embeddings
+    if T >= limit:
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; shorten it")
+    max_new_tokens = min(max_new_tokens, limit - T)
+    valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.to(ids.device)
+    cache = KVCache(model, B, T + max_new_tokens)
+    pos = (valid.cumsum(1) - 1).clamp(min=0)
+    out = model(ids, policy, positions=pos, valid=valid, cache=cache, threshold=threshold)
+    pos = pos[:, -1:]
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        tok = sample(out.logits[:, -1], generator=generator, **sampling)
+        yield tok, out.iter_count[:, -1]
+        done |= torch.isin(tok, stop)
+        if done.all() or step == max_new_tokens - 1:
+            return
+        pos = pos + 1
+        out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step, threshold=threshold)
