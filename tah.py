@@ -316,8 +316,9 @@ class TaH(nn.Module):
                 nn.init.normal_(m.weight, std=std)
             if isinstance(m, LoRALinear):
                 nn.init.normal_(m.weight, std=std)
-                if m.lora_A is not None:
-                    m.reset_lora()
+        for m in self.modules():  # after the loop above, which also visits lora_A and lora_B
+            if isinstance(m, LoRALinear) and m.lora_A is not None:
+                m.reset_lora()
         if self.decider is not None:
             self.decider.reset_parameters()
 
@@ -622,12 +623,14 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
     """Loads a Qwen3 or TaH checkpoint: a local directory or a hub id. Reads config.json and
     model.safetensors (or its shards); with tah_config.json also lora/ and the decider
     (decider.safetensors, or the authors' iter_decider.bin). Without tah_config.json the model
-    is plain Qwen3, unless `tah` is given: then LoRA and decider are added, freshly initialised.
-    dtype defaults to float32 on the CPU and bfloat16 elsewhere; the decider stays float32."""
+    is plain Qwen3. `tah` overrides the file's TaH settings (for training): a LoRA or decider it
+    asks for that the checkpoint lacks starts freshly initialised. dtype defaults to float32 on
+    the CPU and bfloat16 elsewhere; the decider stays float32."""
     d = resolve(path_or_id)
     config = Qwen3Config.from_dict(_read_json(d / "config.json"))
-    has_tah = (d / "tah_config.json").exists()
-    t = tah_config_from_json(_read_json(d / "tah_config.json")) if has_tah else (tah or TaHConfig(lora_r=0))
+    saved = tah_config_from_json(_read_json(d / "tah_config.json")) \
+        if (d / "tah_config.json").exists() else TaHConfig(lora_r=0)
+    t = tah or saved
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     with torch.device("meta"):
@@ -639,7 +642,7 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
     fresh = []  # modules that start from an initialisation instead of the checkpoint
     if t.lora_r:
-        if has_tah:
+        if saved.lora_r:
             files = [d / "lora" / "adapter_model.safetensors"]
             if not files[0].exists():
                 raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {files[0]} is missing")
@@ -647,7 +650,7 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
         else:
             fresh += [m for m in model.modules() if isinstance(m, LoRALinear)]
     if model.decider is not None:
-        if has_tah:
+        if saved.decider_layers is not None:
             state.update({"decider." + k: v.to(device) for k, v in _read_decider(d).items()})
         else:
             fresh.append(model.decider)
@@ -742,21 +745,21 @@ class Tokenizer:
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
         """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant turns
-        keep their <think> block only after the last user turn; with thinking off the generation
-        prompt ends with an empty think block."""
+        keep their <think> block only after the last user turn (the final one shows an empty block if
+        it has none); with thinking off the generation prompt ends with an empty think block."""
         if not self.has_chat:
             raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat format; "
                              "give it a raw prompt instead")
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         out = []
         for i, m in enumerate(messages):
-            content = m["content"]
+            content, reasoning = m["content"], ""
             if m["role"] == "assistant" and "</think>" in content:
                 reasoning, content = content.split("</think>", 1)
                 reasoning = reasoning.split("<think>")[-1].strip("\n")
                 content = content.lstrip("\n")
-                if i > last_user:
-                    content = f"<think>\n{reasoning}\n</think>\n\n{content}"
+            if m["role"] == "assistant" and i > last_user and (reasoning or i == len(messages) - 1):
+                content = f"<think>\n{reasoning}\n</think>\n\n{content}"
             out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
         if add_generation_prompt:
             out.append("<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"))

@@ -1,0 +1,197 @@
+"""The tutorial cannot rot: its snippets run, the names it cites exist, its figures are current.
+
+Conventions (also stated at the top of tutorial/README.md):
+- every ```python block of a chapter runs, in order, in one fresh namespace per chapter, with the
+  repository root on sys.path and as the working directory;
+- an ```output block right after a ```python block is what that block prints, checked exactly;
+- a backticked dotted name that starts with `tah.` or with a class of tah.py (`TaH.forward`) cites
+  tah.py and must resolve: by getattr, as a dataclass field, or as an attribute that the class
+  sets on `self` (`TaH.decider`); `train.NAME` must be a top-level name of train.py;
+- tutorial/figures/*.svg are exactly what tutorial/figures.py writes.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import io
+import re
+import sys
+
+import pytest
+
+from conftest import FIXTURE, ROOT
+
+sys.path.insert(0, str(ROOT))
+import tah  # noqa: E402
+
+TUTORIAL = ROOT / "tutorial"
+CHAPTERS = sorted(TUTORIAL.glob("[0-9][0-9]-*.md"))
+FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+CITE = re.compile(r"`((?:tah\.)?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(\))?`")
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block, in order."""
+    return [(m.group(1), m.group(2)) for m in FENCE.finditer(text)]
+
+
+def prose(text: str) -> str:
+    return FENCE.sub("", text)
+
+
+@functools.cache
+def _class_sets(cls: type, name: str) -> bool:
+    """Whether some method of cls (or a base defined in tah.py) assigns self.<name>."""
+    for klass in cls.__mro__:
+        if getattr(klass, "__module__", None) != "tah":
+            continue
+        if re.search(rf"\bself\.{name}\b\s*(=|,[^=\n]*=)(?!=)", inspect.getsource(klass)):
+            return True
+    return False
+
+
+def is_citation(name: str) -> bool:
+    """Starts with `tah.`, `train.` or a class defined in tah.py; `torch.nn`, `model.decider` and
+    file names (`tah.py`) do not."""
+    if name.endswith(".py"):
+        return False
+    first = name.split(".")[0]
+    return first in ("tah", "train") or \
+        (inspect.isclass(getattr(tah, first, None)) and getattr(tah, first).__module__ == "tah")
+
+
+@functools.cache
+def train_names() -> frozenset[str]:
+    """Top-level functions, classes and assignments of train.py, read without importing it."""
+    path = ROOT / "train.py"
+    if not path.exists():
+        return frozenset()
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return frozenset(names)
+
+
+def resolve(cited: str) -> str | None:
+    """None when the citation `cited` names something of tah.py (or train.py), else why not."""
+    parts = cited.split(".")
+    if parts[0] == "train":
+        return None if len(parts) == 2 and parts[1] in train_names() else \
+            f"train.py has no top-level {'.'.join(parts[1:])!r} (cite only train.NAME)"
+    parts = parts[1:] if parts[0] == "tah" else parts
+    obj, path = tah, "tah"
+    for i, part in enumerate(parts):
+        if hasattr(obj, part):
+            obj, path = getattr(obj, part), f"{path}.{part}"
+            continue
+        if inspect.isclass(obj) and i == len(parts) - 1 and (
+                (dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)})
+                or _class_sets(obj, part)):
+            return None  # a field or an attribute set in __init__: fine as the last part
+        return f"{path} has no attribute {part!r}"
+    return None
+
+
+def citations(text: str) -> list[str]:
+    return [m.group(1) for m in CITE.finditer(prose(text)) if is_citation(m.group(1))]
+
+
+def broken_citations(text: str) -> list[str]:
+    return [f"`{name}`: {why}" for name in citations(text) if (why := resolve(name))]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_snippets_run(chapter, monkeypatch):
+    """Runs every python block of the chapter in order in one namespace; checks output blocks."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+    namespace = {"__name__": f"tutorial_{chapter.stem.replace('-', '_')}"}
+    printed, ran = None, 0
+    for n, (lang, code) in enumerate(fenced_blocks(chapter.read_text(encoding="utf-8"))):
+        if lang == "python":
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                try:
+                    exec(compile(code, f"{chapter.name} block {n + 1}", "exec"), namespace)
+                except Exception as e:
+                    raise AssertionError(f"{chapter.name}, python block {n + 1} failed:\n{code}") from e
+            printed, ran = buffer.getvalue(), ran + 1
+        elif lang == "output":
+            assert printed is not None, f"{chapter.name}: an output block must follow a python block"
+            got = "\n".join(line.rstrip() for line in printed.rstrip("\n").splitlines())
+            want = "\n".join(line.rstrip() for line in code.rstrip("\n").splitlines())
+            assert got == want, f"{chapter.name}, output block {n + 1}: printed\n{got}\nbut the text says\n{want}"
+            printed = None
+    assert ran, f"{chapter.name} has no python snippet"
+
+
+@pytest.mark.parametrize("page", [TUTORIAL / "README.md", *CHAPTERS], ids=lambda p: p.stem)
+def test_cited_names_exist(page):
+    text = page.read_text(encoding="utf-8")
+    assert not broken_citations(text), f"{page.name} cites names that do not exist:\n" + \
+        "\n".join(broken_citations(text))
+    assert citations(text), f"{page.name} cites nothing of tah.py"
+
+
+def test_citation_check_catches_made_up_names():
+    text = ("`tah.duo_causal_mask`, `TaH.forward`, `tah.KVCache.write`, `TaHConfig.decider_dims`, "
+            "`TaH.decider`, `Output.logits`, `torch.nn.Linear`, `model.decider`, `x`\n"
+            "```python\n`tah.inside_code_is_not_prose`\n```\n"
+            "`train.oracle_labels`, `train.py`, `tah.py`\n"
+            "`tah.no_such_function`, `TaH.no_such_method`, `tah.KVCache.nope`, `Decider.forward.x`, "
+            "`train.no_such_function`")
+    assert broken_citations(text) == [
+        "`tah.no_such_function`: tah has no attribute 'no_such_function'",
+        "`TaH.no_such_method`: tah.TaH has no attribute 'no_such_method'",
+        "`tah.KVCache.nope`: tah.KVCache has no attribute 'nope'",
+        "`Decider.forward.x`: tah.Decider.forward has no attribute 'x'",
+        "`train.no_such_function`: train.py has no top-level 'no_such_function' (cite only train.NAME)",
+    ]
+
+
+def test_links_resolve():
+    """Every relative link and image of the tutorial points at a file that exists, and the index
+    links every chapter."""
+    index = (TUTORIAL / "README.md").read_text(encoding="utf-8")
+    for chapter in CHAPTERS:
+        assert f"({chapter.name})" in index, f"tutorial/README.md does not link {chapter.name}"
+    for page in [TUTORIAL / "README.md", *CHAPTERS]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose(page.read_text(encoding="utf-8"))):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
+
+
+def _figures_module():
+    spec = importlib.util.spec_from_file_location("tutorial_figures", TUTORIAL / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_duo_mask_figure_is_current():
+    figures = _figures_module()
+    committed = (TUTORIAL / "figures" / "duo_mask.svg").read_bytes()
+    assert figures.duo_mask_svg().encode("utf-8") == committed, "run: python tutorial/figures.py"
+    entries, states = figures.mask_states()  # the worked example, read off the figure's own grid
+    row = states[entries.index((3, 2))]
+    assert [e for e, s in zip(entries, row) if s == "attend"] == [(0, 1), (1, 1), (2, 1), (3, 1), (1, 2), (3, 2)]
+    row = states[entries.index((4, 1))]
+    assert [e for e, s in zip(entries, row) if s == "attend"] == [(p, 1) for p in range(5)]
+
+
+def test_token_trace_figure_is_current(tmp_path):
+    if not (FIXTURE / "config.json").exists():
+        pytest.skip(f"the fixture checkpoint is not at {FIXTURE}")
+    figures = _figures_module()
+    written = figures.write_all(tmp_path, FIXTURE)
+    for path in written:
+        committed = TUTORIAL / "figures" / path.name
+        assert path.read_bytes() == committed.read_bytes(), f"{committed} is stale: run python tutorial/figures.py"
