@@ -755,9 +755,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             content, reasoning = m["content"], ""
             if m["role"] == "assistant" and "</think>" in content:
-                reasoning, content = content.split("</think>", 1)
-                reasoning = reasoning.split("<think>")[-1].strip("\n")
-                content = content.lstrip("\n")
+                reasoning = content.split("</think>")[0].split("<think>")[-1].strip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
             if m["role"] == "assistant" and i > last_user and (reasoning or i == len(messages) - 1):
                 content = f"<think>\n{reasoning}\n</think>\n\n{content}"
             out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")

@@ -1,0 +1,104 @@
+"""Greedy decode speed of tah.generate against Hugging Face `generate`, same weights, on the CPU.
+
+One random Qwen3 (hidden 512, 8 layers, 8 heads / 4 kv heads, head_dim 64, intermediate 1536,
+vocab 32000) is saved with `save_pretrained` and loaded by both libraries in float32. Each side
+decodes 256 new tokens greedily after a short prompt: one warmup run each, then repeats
+interleaved (ours, HF, ours, HF, ...) so that a slow moment of a shared machine hits both.
+Prints tokens/s for both by wall time and by this process's CPU time (steadier when other jobs
+share the cores), the ratio ours/HF (target >= 1.0) and whether the greedy tokens agree.
+
+    python tests/bench_decode.py                  # the default setting
+    python tests/bench_decode.py --repeats 5 --threads 4
+    python tests/bench_decode.py --profile        # where our decode step spends its time
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tah  # noqa: E402
+
+
+def build(directory: str, seed: int):
+    """A random Qwen3 saved by transformers; returns the HF model and ours, same weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                      tie_word_embeddings=True, max_position_embeddings=4096,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = Qwen3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # spread the logits a little so greedy paths have no near-ties
+        for p in hf.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.05)
+    hf.save_pretrained(directory)
+    return hf, tah.load(directory, dtype=torch.float32)
+
+
+def timed(fn):
+    """(wall seconds, CPU seconds of this process, result). CPU time is what to compare on a
+    shared machine: other jobs stretch the wall clock but not our CPU time (with 1 thread)."""
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
+def run_ours(model, prompt, n):
+    return torch.stack([t for t, _ in tah.generate(model, prompt, n, policy="standard")], 1)
+
+
+@torch.no_grad()
+def run_hf(model, prompt, n):
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=None,
+                         pad_token_id=0)
+    return out[:, prompt.shape[1]:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    ap.add_argument("--prompt-len", type=int, default=16, help="tokens in the (random) prompt")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side, interleaved")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one run of ours")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as d:
+        hf, ours = build(d, args.seed)
+    prompt = torch.randint(0, 32000, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
+    n = args.new_tokens
+
+    runs = {"ours": lambda: run_ours(ours, prompt, n), "HF": lambda: run_hf(hf, prompt, n)}
+    same = torch.equal(runs["ours"](), runs["HF"]())  # also the warmup of both
+    wall, cpu = {k: [] for k in runs}, {k: [] for k in runs}  # seconds per run
+    for r in range(args.repeats):
+        for name, run in runs.items():  # interleaved: ours, HF, ours, HF, ...
+            w, c, _ = timed(run)
+            wall[name].append(w)
+            cpu[name].append(c)
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
+            f"{k} {n / wall[k][-1]:.1f} tok/s ({n / cpu[k][-1]:.1f} per CPU-s)" for k in runs), flush=True)
+    for k in runs:  # best of the repeats: the least disturbed run
+        print(f"{k:5s}: {n / min(wall[k]):7.1f} tokens/s wall, {n / min(cpu[k]):7.1f} tokens per CPU-second")
+    print(f"ratio ours/HF: {min(cpu['HF']) / min(cpu['ours']):.2f}x by CPU time "
+          f"(medians {statistics.median(cpu['HF']) / statistics.median(cpu['ours']):.2f}x), "
+          f"{min(wall['HF']) / min(wall['ours']):.2f}x by wall time; target >= 1.0x")
+    print(f"greedy tokens identical: {same}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_ours(ours, prompt, n)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
