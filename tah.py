@@ -401,15 +401,16 @@ class TaH(nn.Module):
             n = int(active.sum(1).max())
             idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
             q_valid = active.gather(1, idx)  # rows with fewer actives are padded with inactives
-            V = logits.shape[-1]
-            x = self.soft_token(logits.gather(1, idx[..., None].expand(B, n, V)))  # (B, T_d, H)
+            V, rows = logits.shape[-1], torch.arange(B, device=idx.device)[:, None]  # rows (B, 1)
+            x = self.soft_token(logits[rows, idx])  # (B, T_d, H); indexing copies whole rows: fast
             x, kept_d = self._pass(x, positions.gather(1, idx), q_valid, slots.gather(1, idx),
                                    depth, cache, end, past, meta, keep if depth < D else set())
             h = self.model.norm(x)
-            z = self.lm_head(h).masked_fill(~q_valid[..., None], 0.0)  # z_d (B, T_d, V)
-            logits = logits.scatter_add(1, idx[..., None].expand(B, n, V), z)  # logit residual
+            z = self.lm_head(h.masked_fill(~q_valid[..., None], 0.0))  # z_d (B, T_d, V), 0 if padding
+            logits = logits.scatter_add_(1, idx[..., None].expand(B, n, V), z)  # logit residual, in
+            # place: no op of the graph saved these logits (topk and indexing keep only indices)
             if depth < D:  # who goes on: decided among this depth's tokens, scattered back
-                c = self.decider({**kept_d, L: h}, logits.gather(1, idx[..., None].expand(B, n, V))) \
+                c = self.decider({**kept_d, L: h}, logits[rows, idx]) \
                     if use_decider else None
                 go = self._decide(policy, depth, c, threshold, q_valid) if not isinstance(policy, torch.Tensor) \
                     else (policy.gather(1, idx) > depth) & q_valid
