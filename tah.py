@@ -184,8 +184,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, K)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = write(k, v)
-        k_all = torch.cat([pk for pk, _ in past] + [k], dim=2)  # (B, G, S_all, K), depth-major
-        v_all = torch.cat([pv for _, pv in past] + [v], dim=2)
+        k_all = torch.cat([pk for pk, _ in past] + [k], dim=2) if past else k  # (B, G, S_all, K)
+        v_all = torch.cat([pv for _, pv in past] + [v], dim=2) if past else v  # depth-major
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, N*K)
         return self.o_proj(y, lora), (k, v)
@@ -326,8 +326,11 @@ class TaH(nn.Module):
         """The next pass's input (..., H): a softmax over the top-k logits mixing the matching
         embedding rows. It REPLACES the token's embedding; only top-k selection is not smooth."""
         top, idx = logits.topk(self.tah.input_topk, dim=-1)  # (..., k)
-        w = top.float().softmax(dim=-1).to(self.model.embed_tokens.weight.dtype)
-        return (w[..., None] * self.model.embed_tokens(idx)).sum(dim=-2)  # (..., H)
+        E = self.model.embed_tokens.weight
+        w = top.float().softmax(dim=-1).to(E.dtype)
+        # sum_k w_k * E[idx_k], without materialising the (..., k, H) rows
+        mix = F.embedding_bag(idx.flatten(0, -2), E, per_sample_weights=w.flatten(0, -2), mode="sum")
+        return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
     def _pass(self, x, pos, valid, slots, depth, cache, end, past, meta, keep):
         """Runs all layers at one depth over the tokens x (B, T_d, H). Returns the final hidden
@@ -401,14 +404,15 @@ class TaH(nn.Module):
             n = int(active.sum(1).max())
             idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
             q_valid = active.gather(1, idx)  # rows with fewer actives are padded with inactives
-            V, rows = logits.shape[-1], torch.arange(B, device=idx.device)[:, None]  # rows (B, 1)
-            x = self.soft_token(logits[rows, idx])  # (B, T_d, H); indexing copies whole rows: fast
+            rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
+            x = self.soft_token(logits[rows, idx])  # (B, T_d, H)
             x, kept_d = self._pass(x, positions.gather(1, idx), q_valid, slots.gather(1, idx),
                                    depth, cache, end, past, meta, keep if depth < D else set())
             h = self.model.norm(x)
             z = self.lm_head(h.masked_fill(~q_valid[..., None], 0.0))  # z_d (B, T_d, V), 0 if padding
-            logits = logits.scatter_add_(1, idx[..., None].expand(B, n, V), z)  # logit residual, in
-            # place: no op of the graph saved these logits (topk and indexing keep only indices)
+            # the logit residual, in place: no op of the graph saved these logits (topk and
+            # indexing keep only indices). Rows of the flat (B*T, V) view: b*T + t.
+            logits.view(B * T, -1).index_add_(0, (idx + rows * T).flatten(), z.flatten(0, 1))
             if depth < D:  # who goes on: decided among this depth's tokens, scattered back
                 c = self.decider({**kept_d, L: h}, logits[rows, idx]) \
                     if use_decider else None
