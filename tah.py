@@ -329,7 +329,8 @@ class TaH(nn.Module):
         E = self.model.embed_tokens.weight
         w = top.float().softmax(dim=-1).to(E.dtype)
         # sum_k w_k * E[idx_k], without materialising the (..., k, H) rows
-        mix = F.embedding_bag(idx.flatten(0, -2), E, per_sample_weights=w.flatten(0, -2), mode="sum")
+        k = idx.shape[-1]
+        mix = F.embedding_bag(idx.reshape(-1, k), E, per_sample_weights=w.reshape(-1, k), mode="sum")
         return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
     def _pass(self, x, pos, valid, slots, depth, cache, end, past, meta, keep):
