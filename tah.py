@@ -415,10 +415,9 @@ class TaH(nn.Module):
             # indexing keep only indices). Rows of the flat (B*T, V) view: b*T + t.
             logits.view(B * T, -1).index_add_(0, (idx + rows * T).flatten(), z.flatten(0, 1))
             if depth < D:  # who goes on: decided among this depth's tokens, scattered back
-                c = self.decider({**kept_d, L: h}, logits[rows, idx]) \
-                    if use_decider else None
-                go = self._decide(policy, depth, c, threshold, q_valid) if not isinstance(policy, torch.Tensor) \
-                    else (policy.gather(1, idx) > depth) & q_valid
+                sub = policy.gather(1, idx) if isinstance(policy, torch.Tensor) else policy
+                c = self.decider({**kept_d, L: h}, logits[rows, idx]) if use_decider else None
+                go = self._decide(sub, depth, c, threshold, q_valid)
                 active = torch.zeros_like(active).scatter(1, idx, go)
         return Output(logits, iter_count, continue_logit, hidden)
 
