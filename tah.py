@@ -312,9 +312,7 @@ class TaH(nn.Module):
 
     def init_weights(self, std: float = 0.02) -> None:
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-            if isinstance(m, LoRALinear):
+            if isinstance(m, (nn.Linear, nn.Embedding, LoRALinear)):
                 nn.init.normal_(m.weight, std=std)
         for m in self.modules():  # after the loop above, which also visits lora_A and lora_B
             if isinstance(m, LoRALinear) and m.lora_A is not None:
