@@ -5,7 +5,7 @@ passes of the position that predicted it (plain = 1 pass, black on yellow = 2). 
 and the closing stats line (tokens, tokens/s, share of tokens that iterated) go to stderr.
 
     python generate.py "What is 17 * 24?"                 # the released TaH+ 1.7B from the hub
-    python generate.py --model out/toy "12+7="            # a directory, e.g. what train.py writes
+    python generate.py --model runs/toy/tah --greedy "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 2: A"
     python generate.py --policy standard --greedy "..."   # the same weights, never iterating
     python generate.py                                    # interactive chat (Ctrl-D or 'exit')
     python generate.py --eval gsm8k.jsonl --greedy --batch-size 16 --max-new-tokens 4096
