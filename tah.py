@@ -711,6 +711,10 @@ def save(model: TaH, path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    umask = os.umask(0o022)  # mkdtemp and safetensors make owner-only files: give them the usual modes
+    os.umask(umask)
+    for f in [tmp, *tmp.rglob("*")]:
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
     old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)

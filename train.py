@@ -6,6 +6,8 @@
     python train.py --size 0.6b --baseline          # the paper's Standard: same data and budget, no iteration
     python train.py --size 0.6b --prune             # "TaH": drop the least useful layer first (default "TaH+")
     python train.py --size 0.6b --data my.jsonl     # lines {"question", "generation"} or {"messages": [...]}
+    torchrun --nproc_per_node 8 train.py --size 1.7b          # 8 GPUs, data-parallel: the same steps, ~8x faster
+    torchrun --nproc_per_node 8 train.py --size 1.7b --shard  # weights, gradients, AdamW state split over them
     python generate.py --model runs/toy/tah --greedy --max-new-tokens 1 "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 2: A"
 
 Each stage writes under --out (default runs/<size>): data.safetensors, labels.safetensors, prune.json,
@@ -13,20 +15,27 @@ checkpoints (tah/ is the final model; stage1/, standard/, ...), eval.json and tr
 the command skips finished stages and resumes an interrupted one from <stage>.state.pt, bitwise on
 a CPU. Ctrl-C saves and exits. The toy task: a table maps 10 letters to each other; a query asks for
 table[x] (1-hop) or table[table[x]] (2-hop: two look-ups, more than one pass of one layer can do).
-For several GPUs: train_step() is one whole optimizer step, batch_indices() depends only on
-(seed, step), and every file is written through Run (the rank-0 side effects).
+Under torchrun each process takes its share of every step's rows and the gradients are summed over
+the processes: the step one process would take. Rank 0 alone makes the data and labels, logs and
+writes; states hold whole tensors keyed by name, so a run resumes on any number of processes.
 """
 from __future__ import annotations
 
 import argparse, functools, hashlib, itertools, json, math, os, signal, sys, time
+from datetime import timedelta
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning made the toy's tiny ops ~15x
 # slower with 2 threads. It has to be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import tah  # noqa: E402
@@ -71,9 +80,9 @@ def toy_data(n: int, n_held: int, seed: int) -> dict:
     answer = torch.where(two, table.gather(1, once), once)
     queries = torch.stack([HOP1 + two.long(), LETTER + x, LETTER + answer], -1).flatten(1)  # (n, 48)
     ids = torch.cat([pairs, torch.full((n, 1), SEP), queries], 1)  # (n, 59)
-    target = torch.zeros_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.uint8)
     target[:, N_LETTERS + 3::3] = 1 + two.long()  # the answers: 1 = 1-hop, 2 = 2-hop
-    return dict(ids=ids.flatten().int(), target=target.flatten().to(torch.uint8), start=torch.zeros(n, dtype=torch.long),
+    return dict(ids=ids.flatten().int(), target=target.flatten(), start=torch.zeros(n, dtype=torch.long),
                 offsets=torch.arange(n + 1) * ids.shape[1], train=torch.arange(n_held, n), held=torch.arange(n_held))
 
 
@@ -129,13 +138,15 @@ def chat_data(rows, tok: tah.Tokenizer, max_len: int, run) -> dict:
         if (len(seqs) + dropped) % 16384 < len(chunk):
             run.log(f"data: {len(seqs) + dropped} examples tokenized")
     if len(seqs) < 2:
-        sys.exit(f"only {len(seqs)} usable examples ({dropped} have >= {max_len} tokens): more data or a larger --max-len")
+        sys.exit(f"only {len(seqs)} usable examples ({dropped} have >= {max_len} tokens): "
+                 "more data or a larger --max-len")
     run.log(f"data: {len(seqs)} examples kept, {dropped} dropped for having >= {max_len} tokens")
     lens, start = torch.tensor([len(s) for s in seqs]), torch.tensor(start)
     offsets, row = F.pad(lens.cumsum(0), (1, 0)), torch.repeat_interleave(torch.arange(len(seqs)), lens)
     target = (torch.arange(int(lens.sum())) - offsets[row] >= start[row]).to(torch.uint8)
     perm, n_held = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(42)), max(1, len(seqs) // 100)
-    return dict(ids=torch.cat(seqs), target=target, offsets=offsets, start=start, train=perm[n_held:], held=perm[:n_held])
+    return dict(ids=torch.cat(seqs), target=target, offsets=offsets, start=start, train=perm[n_held:],
+                held=perm[:n_held])
 
 
 def spans(data: dict, idx) -> list[tuple[int, int]]:
@@ -198,29 +209,42 @@ def decider_loss(model, b: dict, pos_weight: float):
     return (bce * b["valid"]).sum(), int(b["valid"].sum())
 
 
-def train_step(model, opt, batches: list[dict], loss_fn, clip: float, amp) -> float:
-    """One optimizer step: gradients summed over micro-batches, divided by the step's token count, clipped.
-    A non-finite loss or gradient skips the update (the caller stops)."""
-    total, count = 0.0, 0
-    for b in batches:
-        with amp():
+def train_step(run: Run, model, opt, batches: list[dict], loss_fn, seed: int) -> float:
+    """One optimizer step over this process's micro-batches: gradients summed over them and over the processes,
+    divided by the token count of the whole step, clipped by their global norm (the step one process would
+    take alone). A non-finite loss or gradient skips the update (the caller stops)."""
+    total, count, sharded = 0.0, 0, isinstance(model, FSDPModule)
+    for i, b in enumerate(batches):
+        # dropout masks from (step, micro-batch): the same on any number of processes, nothing to save
+        torch.manual_seed(hash((seed, run.rank * len(batches) + i)))
+        if sharded:  # FSDP sums the gradients over the processes once, in the last backward
+            model.set_requires_gradient_sync(i == len(batches) - 1)
+        with run.amp():
             loss, n = loss_fn(model, b)
         loss.backward()
         total, count = total + loss.item(), count + n
-    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    total, count = run.sum(total, count)
+    params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:
+        if p.grad is None:  # unused in this step (LoRA, if no token was hard): each process must send a gradient
+            p.grad = torch.zeros_like(p)
+        if run.world > 1 and not sharded:  # data-parallel: sum over the processes (what DDP does, in buckets)
+            dist.all_reduce(p.grad)
         p.grad.div_(max(count, 1))
-    if math.isfinite(total) and torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip)):
+    norm = torch.nn.utils.clip_grad_norm_(params, run.args.clip)  # sharded: a DTensor, the norm of all shards
+    if math.isfinite(total) and math.isfinite(norm.full_tensor() if sharded else norm):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------- side effects (rank 0) and stages
+# ----------------------------------------------------------------------------- processes, side effects, stages
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # tensors gathered whole on rank 0's CPU (else {})
+TRAINED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)  # those that train
 
 
 class Run:
-    """The settings, the device, and every write: log lines, checkpoints and states, each atomic."""
+    """The settings, the device, the processes (under torchrun) and every write: rank 0's alone, each atomic."""
 
     def __init__(self, args):
         self.args, self.out, self.stop, self.steps_done = args, Path(args.out), False, 0
@@ -228,17 +252,42 @@ class Run:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
                                                    "mps" if torch.backends.mps.is_available() else "cpu"))
         self.tokenizer_dir = self.out / "tokenizer" if args.size == "toy" else tah.resolve(args.model)
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if "RANK" in os.environ:  # started by torchrun: one process per GPU (gloo: processes on a CPU)
+            cuda = self.device.type == "cuda"
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+            # a long timeout: the other processes wait at a barrier while rank 0 makes the data and labels
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12),
+                                    device_id=self.device if cuda else None)
+        elif args.shard:
+            sys.exit("--shard splits the model over processes: start them with torchrun --nproc_per_node N train.py")
+        if args.batch % self.world:
+            sys.exit(f"--batch {args.batch} must be a multiple of the number of processes ({self.world})")
 
     def amp(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.dtype == "bfloat16")
 
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def sum(self, *values: float) -> list[float]:
+        """The values summed over the processes (as they are in one process)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if dist.is_initialized() else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return t.tolist()
+
     def log(self, msg: str) -> None:
-        print(msg, flush=True)
-        with open(self.out / "train.log", "a") as f:
-            f.write(msg + "\n")
+        if self.rank == 0:
+            print(msg, flush=True)
+            with open(self.out / "train.log", "a") as f:
+                f.write(msg + "\n")
 
     def write(self, name: str, obj) -> None:
         """out/name, whole or not at all: *.safetensors from tensors, *.pt by torch.save, else text."""
+        if self.rank:
+            return
         tmp = self.out / f".{name}.tmp"
         if name.endswith(".safetensors"):
             save_file(obj, tmp)
@@ -246,71 +295,89 @@ class Run:
             torch.save(obj, tmp)
         else:
             tmp.write_text(obj)
+        umask = os.umask(0o022)  # (read by setting it)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # safetensors makes files only their owner can read
         os.replace(tmp, self.out / name)
 
     def save_model(self, model, name: str) -> None:
-        tah.save(model, self.out / name, tokenizer_dir=self.tokenizer_dir)
+        """out/name by tah.save. Every process calls this: a sharded model is first gathered on rank 0."""
+        if isinstance(model, FSDPModule):
+            state = get_model_state_dict(model, options=WHOLE)
+            with torch.device("meta"):
+                model = tah.TaH(model.config, model.tah)
+            if self.rank == 0:
+                model.load_state_dict(state, assign=True)
+        if self.rank == 0:
+            tah.save(model, self.out / name, tokenizer_dir=self.tokenizer_dir)
+        self.barrier()
 
 
-def rng_state(cuda: bool) -> dict:
-    return dict(rng=torch.get_rng_state()) | (dict(cuda_rng=torch.cuda.get_rng_state()) if cuda else {})
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["rng"].cpu())
-    if "cuda_rng" in s:
-        torch.cuda.set_rng_state(s["cuda_rng"].cpu())
+def shard(model):
+    """FSDP2 with the whole model as one unit: weights, gradients and AdamW state lie split over the processes
+    and are gathered whole for each micro-batch. Not one unit per layer: those need every process to make the
+    same layer calls, and TaH runs its layers a second time only for micro-batches with hard tokens."""
+    fully_shard(model)
+    model.set_reduce_scatter_unused_params(True)  # a parameter one process left unused gets its zeros
+    model.set_gradient_divide_factor(1.0)  # sums, not means: train_step divides by the token count
+    model.set_force_sum_reduction_for_comms(True)  # as a plain SUM, which gloo has too
+    return model
 
 
 def train(run: Run, name: str, model, loss_fn, steps: int, lr: float, data: dict, labels, offset: int = 0):
-    """Trains the parameters that require grad for `steps` steps (on the data of steps offset + step), then
-    saves out/name. Resumes from out/name.state.pt; Ctrl-C (or --stop-after) saves that state and exits."""
-    a, state_path, cuda = run.args, run.out / f"{name}.state.pt", run.device.type == "cuda"
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW([{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": a.weight_decay},
-                             {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    """Trains the parameters that require grad for `steps` steps (on the data of steps offset + step), after an
+    estimate for the real sizes, then saves out/name. Resumes from out/name.state.pt; Ctrl-C (or --stop-after)
+    saves that state and exits."""
+    a, state_path = run.args, run.out / f"{name}.state.pt"
+    model = shard(model) if a.shard else model
+    if a.size != "toy":
+        estimate(run, name, model, loss_fn, data, labels, steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": a.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
     start = 0
-    if a.resume and state_path.exists():  # tensors and plain containers only, so weights_only=True reads it
-        s = torch.load(state_path, map_location=run.device, weights_only=True)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(s["params"][n])
-        opt.load_state_dict(s["optim"])
-        set_rng_state(s)
+    if a.resume and state_path.exists():  # whole tensors by name, for any number of processes, sharded or not
+        s = torch.load(state_path, map_location="cpu", weights_only=True)
+        set_model_state_dict(model, s["params"], options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, opt, s["optim"], options=StateDictOptions(full_state_dict=True))
         start = int(s["step"])
         run.log(f"{name}: resuming at step {start}/{steps}")
+    run.barrier()  # every process has looked for out/name and the state before rank 0 may write them
     old = signal.signal(signal.SIGINT, lambda *_: setattr(run, "stop", True))  # stop between steps, never inside
     t0, tokens, warm = time.time(), 0, max(1, round(a.warmup * steps))
     try:
         for step in range(start, steps):
             idx = data["train"][batch_indices(a.seed, offset + step, len(data["train"]), a.batch)]
+            idx = idx.tensor_split(run.world)[run.rank]  # this process's share of the step's rows
             batches = [make_batch(data, idx[i:i + a.micro_batch], labels, run.device)
                        for i in range(0, len(idx), a.micro_batch)]
             for g in opt.param_groups:  # linear warm-up, then a cosine from lr down to 0.1 lr
                 g["lr"] = lr * ((step + 1) / warm if step < warm else
                                 0.55 + 0.45 * math.cos(math.pi * (step - warm) / max(1, steps - 1 - warm)))
-            loss = train_step(model.train(), opt, batches, loss_fn, a.clip, run.amp)
+            loss = train_step(run, model.train(), opt, batches, loss_fn, seed=hash((a.seed, offset + step)))
             if not math.isfinite(loss):
                 run.log(f"{name}: loss is {loss} at step {step + 1}; stopping. The last good state is {state_path} "
                         "(if any): lower --lr or --clip, or use --dtype float32, then rerun to resume from it")
                 sys.exit(1)
-            tokens, run.steps_done = tokens + sum(int(b["valid"].sum()) for b in batches), run.steps_done + 1
-            run.stop |= a.stop_after is not None and run.steps_done >= a.stop_after
+            run.steps_done += 1
+            stop, n = run.sum(run.stop or (a.stop_after is not None and run.steps_done >= a.stop_after),
+                              sum(int(b["valid"].sum()) for b in batches))  # Ctrl-C on any process stops all
+            tokens += n
             if step % a.log_every == 0 or step == steps - 1:
                 dt = time.time() - t0
                 run.log(f"{name} step {step + 1}/{steps} loss {loss:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                         f"{tokens / dt:.0f} tok/s ETA {(steps - step - 1) * dt / (step + 1 - start) / 60:.1f} min")
-            if run.stop or (a.save_every and (step + 1) % a.save_every == 0):
-                run.write(state_path.name, dict(params={n: p.detach() for n, p in params.items()},
-                                                optim=opt.state_dict(), step=step + 1) | rng_state(cuda))
-            if run.stop:
+            if stop or (a.save_every and (step + 1) % a.save_every == 0):  # whole tensors, by parameter name
+                run.write(state_path.name, dict(step=step + 1, params=get_model_state_dict(model, options=TRAINED),
+                                                optim=get_optimizer_state_dict(model, opt, options=WHOLE)))
+            if stop:
                 run.log(f"{name}: interrupted after step {step + 1}, state saved: rerun the same command to resume")
                 sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, old)
     run.save_model(model, name)
     state_path.unlink(missing_ok=True)
-    return model.eval()
+    return load(run, run.out / name) if isinstance(model, FSDPModule) else model.eval()  # sharded: whole again
 
 
 def load(run: Run, path, t: tah.TaHConfig | None = None):
@@ -318,15 +385,13 @@ def load(run: Run, path, t: tah.TaHConfig | None = None):
 
 
 def stage(run: Run, name: str, make, loss_fn, steps: int, lr: float, data, labels=None, offset=0):
-    """out/name if that stage finished before, else make() trained (after an estimate, for the real sizes)."""
+    """out/name if that stage finished before, else make() trained."""
     if run.args.resume and (run.out / name).exists():
         run.log(f"{name}: finished before, loading {run.out / name}")
         return load(run, run.out / name)
     torch.manual_seed(run.args.seed)  # the same initialisation (LoRA, decider) whether fresh or resumed
     model = make()
     model.grad_checkpointing = run.args.size != "toy"  # recompute layers in backward: 4096 tokens fit 24 GB
-    if run.args.size != "toy":
-        estimate(run, name, model, loss_fn, data, labels, steps)
     return train(run, name, model, loss_fn, steps, lr, data, labels, offset)
 
 
@@ -334,9 +399,9 @@ def estimate(run: Run, name: str, model, loss_fn, data, labels, steps: int) -> N
     """Times a micro-batch of the longest rows (on CUDA also its peak memory) and extrapolates to the stage;
     stops, naming the flag to change, if the GPU is too small."""
     a, cuda = run.args, run.device.type == "cuda"
-    rng, lens = rng_state(cuda), (data["offsets"][1:] - data["offsets"][:-1])[data["train"]]
+    lens = (data["offsets"][1:] - data["offsets"][:-1])[data["train"]]
     b = make_batch(data, data["train"][lens.argsort(descending=True)[:a.micro_batch]], labels, run.device)
-    advice = f"lower --max-len (now {a.max_len}) or use a bigger GPU (1.7b needs more than 24 GB)"
+    advice = f"lower --max-len (now {a.max_len}), use a bigger GPU, or several with torchrun and --shard"
     try:
         for _ in range(2):  # the second one is timed: the first pays for warm-up
             t = time.time()
@@ -348,11 +413,13 @@ def estimate(run: Run, name: str, model, loss_fn, data, labels, steps: int) -> N
         sys.exit(f"{name}: out of GPU memory on {a.micro_batch} row(s) of {b['ids'].shape[1]} tokens: {advice}")
     dt, n = time.time() - t, int(b["valid"].sum())
     model.zero_grad(set_to_none=True)
-    set_rng_state(rng)
     tokens = float(lens.float().mean()) * a.batch * steps
-    msg = f"{name}: {n / dt:.0f} tok/s on the longest rows: {tokens / 1e6:.1f}M tokens take ~{tokens * dt / n / 3600:.1f}h"
-    if cuda:  # the measured peak plus AdamW's two fp32 moments, which the first step allocates
-        peak = torch.cuda.max_memory_allocated() + 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    each = f" in each of {run.world} processes" if run.world > 1 else ""
+    msg = (f"{name}: {n / dt:.0f} tok/s on the longest rows{each}: {tokens / 1e6:.1f}M tokens take "
+           f"~{tokens * dt / n / run.world / 3600:.1f}h")
+    if cuda:  # the measured peak plus AdamW's two fp32 moments (this process's share), which the first step allocates
+        adam = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) / (run.world if a.shard else 1)
+        peak = torch.cuda.max_memory_allocated() + adam
         total = torch.cuda.get_device_properties(run.device).total_memory
         msg += f"; peak memory ~{peak / 2**30:.1f} of {total / 2**30:.1f} GiB"
         if peak > 0.97 * total and not a.skip_memory_check:
@@ -363,9 +430,11 @@ def estimate(run: Run, name: str, model, loss_fn, data, labels, steps: int) -> N
 @torch.no_grad()
 def compute_labels(run: Run, reference, data: dict, idx) -> torch.Tensor:
     """Oracle passes (flat uint8, aligned with data["ids"]) for rows idx, from one greedy teacher-forced
-    forward of the frozen reference(); stored once, resumable from labels.partial.safetensors."""
+    forward of the frozen reference(); stored once, resumable from labels.partial.safetensors. Rank 0 makes
+    them; the other processes wait for the file."""
     path, partial = run.out / "labels.safetensors", run.out / "labels.partial.safetensors"
-    if run.args.resume and path.exists():
+    if run.rank > 0 or (run.args.resume and path.exists()):
+        run.barrier()
         return load_file(path)["labels"]
     s = load_file(partial) if run.args.resume and partial.exists() else {}
     labels, done = s.get("labels", torch.ones(len(data["ids"]), dtype=torch.uint8)), int(s.get("done", 0))
@@ -389,6 +458,7 @@ def compute_labels(run: Run, reference, data: dict, idx) -> torch.Tensor:
     partial.unlink(missing_ok=True)
     hard, scored = (sum(int(x[a:e].sum()) for a, e in spans(data, idx)) for x in (labels == 2, data["target"] > 0))
     run.log(f"labels: {hard} of {scored} scored tokens are hard for the reference ({hard / max(scored, 1):.1%})")
+    run.barrier()
     return labels
 
 
@@ -397,15 +467,16 @@ def evaluate(run: Run, model, data: dict, labels, policy: str) -> dict:
     """Loss, next-token accuracy and share of iterating positions over the held-out scored predictions;
     iterating_all: the share over all tokens; acc_easy/acc_hard: per target kind (toy: 1-hop/2-hop)."""
     s, idx, bs = torch.zeros(10, dtype=torch.float64), data["held"], run.args.micro_batch
-    for i in range(0, len(idx), bs):
+    for i in range(run.rank * bs, len(idx), run.world * bs):  # this process's share of the micro-batches
         b = make_batch(data, idx[i:i + bs], labels, run.device)
         with run.amp():
             p = b["passes"] if policy == "oracle" else policy
             out = model(b["ids"], p, valid=b["valid"], threshold=run.args.threshold)
         m, ok, easy, hard = b["tgt"] >= 0, out.logits.argmax(-1) == b["tgt"], b["kind"] == 1, b["kind"] == 2
         s += torch.tensor([chunked_ce(out.logits, b["tgt"]).item(), (ok & m).sum(), m.sum(),
-                           (out.iter_count[m] > 1).sum(), (ok & easy).sum(), easy.sum(), (ok & hard).sum(),
-                           hard.sum(), ((out.iter_count > 1) & b["valid"]).sum(), b["valid"].sum()], dtype=torch.float64)
+                           (out.iter_count[m] > 1).sum(), (ok & easy).sum(), easy.sum(), (ok & hard).sum(), hard.sum(),
+                           ((out.iter_count > 1) & b["valid"]).sum(), b["valid"].sum()], dtype=torch.float64)
+    s = torch.tensor(run.sum(*s.tolist()), dtype=torch.float64)
     r = dict(loss=s[0] / s[2], acc=s[1] / s[2], iterating=s[3] / s[2], iterating_all=s[8] / s[9]) | \
         (dict(acc_easy=s[4] / s[5], acc_hard=s[6] / s[7]) if s[7] else {})
     return {k: round(float(v), 4) for k, v in r.items()}
@@ -509,20 +580,22 @@ def toy_examples(run: Run, model, data: dict, n: int = 4) -> None:
 
 
 def get_data(run: Run) -> dict:
+    """out/data.safetensors, made by rank 0 (the other processes wait for it) unless resuming."""
     a, path = run.args, run.out / "data.safetensors"
-    if a.resume and path.exists():
-        data = load_file(path)
-    elif a.size == "toy":  # with a word-level tokenizer.json, so generate.py reads prompts like "A>C B>J | 2: A"
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOY_VOCAB)}, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        run.tokenizer_dir.mkdir(exist_ok=True)
-        tok.save(str(run.tokenizer_dir / "tokenizer.json"))
-        data = toy_data(a.batch * (a.pretrain_steps + a.steps) + a.eval_samples, a.eval_samples, a.seed)
-    else:
-        rows = read_jsonl(a.data) if a.data else openr1_rows()
-        data = chat_data(rows, tah.load_tokenizer(run.tokenizer_dir), a.max_len, run)
-    run.write(path.name, data)
+    if run.rank == 0 and not (a.resume and path.exists()):
+        if a.size == "toy":  # with a word-level tokenizer.json, so generate.py reads prompts like "A>C B>J | 2: A"
+            from tokenizers import Tokenizer, models, pre_tokenizers
+            tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TOY_VOCAB)}, unk_token="<unk>"))
+            tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+            run.tokenizer_dir.mkdir(exist_ok=True)
+            tok.save(str(run.tokenizer_dir / "tokenizer.json"))
+            data = toy_data(a.batch * (a.pretrain_steps + a.steps) + a.eval_samples, a.eval_samples, a.seed)
+        else:
+            rows = read_jsonl(a.data) if a.data else openr1_rows()
+            data = chat_data(rows, tah.load_tokenizer(run.tokenizer_dir), a.max_len, run)
+        run.write(path.name, data)
+    run.barrier()
+    data = load_file(path)
     data["train"] = data["train"][:a.samples] if a.samples else data["train"]
     data["held"] = data["held"][:a.eval_samples]
     return data
@@ -533,8 +606,10 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Run(a)
-    run.log(f"\n$ python train.py {' '.join(sys.argv[1:] if argv is None else argv)}  (device {run.device})")
-    volatile = {"resume", "stop_after", "log_every", "save_every", "threads", "device", "skip_memory_check", "baseline"}
+    run.log(f"\n$ python train.py {' '.join(sys.argv[1:] if argv is None else argv)}  (device {run.device}"
+            + (f", {run.world} processes)" if "RANK" in os.environ else ")"))
+    volatile = {"resume", "stop_after", "log_every", "save_every", "threads", "device", "skip_memory_check", "baseline",
+                "shard"}
     keep = json.loads(json.dumps({k: v for k, v in vars(a).items() if k not in volatile}))
     old = json.loads((run.out / "settings.json").read_text()) if (run.out / "settings.json").exists() else keep
     if a.resume and old != keep:
@@ -564,7 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = stage(run, "baseline", lambda: load(run, a.model), lm, steps, a.lr, data)
         return report(run, {"baseline": (model, ["standard"])}, data, None)
     base = run.out / "pruned" if a.prune else a.model
-    if a.prune and not (a.resume and base.exists()):  # "TaH": remove the layer whose removal hurts least
+    if a.prune and run.rank == 0 and not (a.resume and base.exists()):  # "TaH": remove the least useful layer
         model = load(run, a.model).eval()
         held = [make_batch(data, data["held"][i:i + 1], None, run.device) for i in range(min(8, len(data["held"])))]
         layer, loss, losses = prune_choice(model, held, run.amp)
@@ -573,7 +648,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.model.layers = torch.nn.ModuleList(m for j, m in enumerate(model.model.layers) if j != layer)
         model.config.num_hidden_layers -= 1
         run.write("prune.json", json.dumps(dict(removed=layer, loss=loss, loss_without=losses), indent=2))
-        run.save_model(model, "pruned")
+        tah.save(model, base, tokenizer_dir=run.tokenizer_dir)
+    run.barrier()  # the other processes read out/pruned
     reference = functools.partial(tah.load, a.reference, device=run.device,
                                   dtype=torch.bfloat16 if a.dtype == "bfloat16" else torch.float32)
     labels = compute_labels(run, reference, data, torch.cat([data["train"], data["held"]]))
@@ -613,11 +689,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--seed", type=int, default=0, help="seed of the initialisation, the data order and the toy data")
     add("--threads", type=int, default=0, help="CPU threads for PyTorch (0 = its default)")
     add("--log-every", type=int, help="log progress every this many steps (toy 100, else 1)")
-    add("--save-every", type=int, help="save the training state every this many steps (0: on Ctrl-C only; toy 0, else 10)")
+    add("--save-every", type=int, help="save the state every this many steps (0: on Ctrl-C only; toy 0, else 10)")
     add("--resume", action=argparse.BooleanOptionalAction, default=True,
         help="skip finished stages and resume an interrupted one (--no-resume: start over in --out)")
     add("--stop-after", type=int, help="testing: act as if Ctrl-C came after this many optimizer steps")
     add("--skip-memory-check", action="store_true", help="train even if the memory estimate exceeds the GPU")
+    add("--shard", action="store_true", help="under torchrun: weights, gradients and AdamW state split over the "
+        "processes (FSDP2), for a model whose training does not fit one GPU")
     a = p.parse_args(argv)
     for k, v in SIZES[a.size].items():
         setattr(a, k, v if getattr(a, k, None) is None else getattr(a, k))
@@ -633,3 +711,6 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:  # outside a training loop (data, labels, evaluation)
         sys.exit("interrupted: finished stages are kept; rerun the same command to go on")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

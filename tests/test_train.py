@@ -112,8 +112,8 @@ def test_toy_pipeline(toy):
 def test_resume_is_bitwise(toy, tmp_path):
     ref, _ = toy
     args = TOY + ["--out", str(tmp_path)]
-    # interrupts after Standard step 3, stage-1 step 2, decider step 1 (its dropout draws from the restored
-    # RNG), and after the last decider step (state saved, model not yet); --stop-after counts per process
+    # interrupts after Standard step 3, stage-1 step 2, decider step 1 (its dropout masks come from the seed
+    # and the step), and after the last decider step (state saved, model not yet); --stop-after counts per process
     for stop in (3, 5, 5, 3):
         with pytest.raises(SystemExit) as e:
             train.main(args + ["--stop-after", str(stop)])
