@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -344,12 +345,8 @@ class TaH(nn.Module):
         rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
         kept = {0: x} if 0 in keep else {}
         for i, layer in enumerate(self.model.layers):
-            if cache:
-                def write(k, v, i=i):
-                    return cache.write(i, depth, slots, k, v, end)
-            else:
-                def write(k, v):
-                    return k, v
+            # store this depth's keys in the cache (and see all its slots), or just pass them on
+            write = partial(cache.write, i, depth, slots, end=end) if cache else (lambda k, v: (k, v))
             args = (x, rope, mask, past[i], write, depth > 1)
             if self.grad_checkpointing and self.training:
                 x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
@@ -697,7 +694,7 @@ def save(model: TaH, path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict() | {"torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if model.tah.lora_r or model.decider is not None or model.tah != TaHConfig(lora_r=0):
+    if model.tah != TaHConfig(lora_r=0):  # anything but a plain Qwen3
         (tmp / "tah_config.json").write_text(json.dumps(tah_config_to_json(model.tah, model.config.hidden_size), indent=2))
     if lora:
         (tmp / "lora").mkdir()
