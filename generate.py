@@ -1,8 +1,7 @@
 """Generate with a TaH model and watch which tokens think twice.
 
-The answer streams token by token to stdout; with colours on, each piece is highlighted by the
-passes of the position that predicted it (plain = 1 pass, black on yellow = 2). The legend, notes
-and the closing stats line (tokens, tokens/s, share of tokens that iterated) go to stderr.
+The answer streams to stdout, each piece highlighted by the passes that predicted it (plain = 1, black on
+yellow = 2; on a terminal without NO_COLOR); the legend, notes and stats (tokens/s, % iterated) go to stderr.
 
     python generate.py "What is 17 * 24?"                 # the released TaH+ 1.7B from the hub
     python generate.py --model runs/toy/tah --greedy "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 2: A"
@@ -26,38 +25,6 @@ HIGHLIGHT = {2: "\033[30;43m", 3: "\033[97;41m"}  # passes -> ANSI style (3 stan
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="the prompt; without one (and without --eval) a chat starts")
-    p.add_argument("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint directory")
-    p.add_argument("--system", help="system message (chat format only)")
-    p.add_argument("--no-think", action="store_true", help="turn Qwen3's thinking off (empty <think> block)")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
-    p.add_argument("--policy", choices=["decider", "standard", "always"],
-                   help="who gets pass 2: the decider (default if the model has one), nobody, everybody")
-    p.add_argument("--threshold", type=float, help="decider threshold (default: the checkpoint's)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest tokens (0 = all)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top one")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--max-new-tokens", type=int, default=1024,
-                   help="stop after this many tokens (default 1024; the paper evaluates with 4096)")
-    p.add_argument("--seed", type=int, help="seed for sampling, for reproducible answers")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="bfloat16 on a GPU, else float32")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
-                   help="colour tokens by passes (auto: when stdout is a terminal and NO_COLOR is unset)")
-    p.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
-    p.add_argument("--eval", metavar="FILE", help="score the final \\boxed{} answers to a JSONL file of "
-                   f"'question'/'answer' lines; each question is followed by {INSTRUCTION!r}")
-    p.add_argument("--batch-size", type=int, default=1, help="--eval: questions generated together")
-    args = p.parse_args(argv)
-    if args.top_k < 0 or not 0 <= args.min_p < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--top-k must be >= 0, --min-p in [0, 1), --max-new-tokens and --batch-size >= 1")
-    return args
-
-
 def paint(text: str, passes: int, color: bool) -> str:
     """ANSI-highlights text by passes, line by line, so no background colour spills past a newline."""
     style = HIGHLIGHT.get(min(passes, 3), "") if color else ""
@@ -73,11 +40,9 @@ def stats(passes: list[int], seconds: float, policy: str) -> str:
             f"{sum(p > 1 for p in passes) / max(len(passes), 1):.1%} iterated (policy {policy})")
 
 
-def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color: bool = False
-           ) -> tuple[list[int], list[int]]:
-    """Generates from prompt ids (gen: tah.generate's keyword arguments), printing the text as it
-    comes and then the stats line. Returns the tokens (without the stop token) and their passes.
-    Ctrl-C ends the answer early."""
+def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color: bool = False) -> tuple:
+    """Generates from prompt ids (gen: tah.generate's keyword arguments), printing the text as it comes, then
+    the stats line; Ctrl-C ends early. Returns the tokens (without the stop token) and their passes."""
     if not ids:
         raise ValueError("the prompt is empty; give some text")
     tokens, passes, shown, k, t0 = [], [], "", 0, time.perf_counter()  # tokens[k:] not yet shown
@@ -87,8 +52,7 @@ def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color:
                 break
             tokens.append(int(t))
             passes.append(int(p))
-            # decode everything so far (tokenizers may join tokens with spaces); print what is new. A
-            # character split over tokens decodes to U+FFFD until its last byte arrives, so it waits.
+            # decode all so far (tokens may join with spaces); a split character is U+FFFD until complete
             text = tok.decode(tokens).rstrip("\ufffd")
             if len(text) > len(shown):
                 print(paint(text[len(shown):], max(passes[k:]), color), end="", flush=True)
@@ -100,10 +64,9 @@ def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color:
     return tokens, passes
 
 
-def chat(model: tah.TaH, tok: tah.Tokenizer, history: list[dict], gen: dict, args: argparse.Namespace,
-         color: bool) -> None:
+def chat(model: tah.TaH, tok: tah.Tokenizer, history: list, gen: dict, args: argparse.Namespace, color: bool):
     """Multi-turn chat. The history keeps each answer as generated (the chat format then drops the
-    <think> blocks of earlier turns); raw prompts have no turns, so each line stands alone."""
+    <think> blocks of earlier turns); a raw prompt is the last line alone."""
     print("chat: Ctrl-D or 'exit' leaves; Ctrl-C stops an answer", file=sys.stderr)
     while True:
         try:
@@ -115,10 +78,9 @@ def chat(model: tah.TaH, tok: tah.Tokenizer, history: list[dict], gen: dict, arg
         messages = history + [{"role": "user", "content": line}]
         try:
             tokens, _ = stream(model, tok, prompt_ids(tok, messages, args), gen, color)
+            history = messages + [{"role": "assistant", "content": tok.decode(tokens)}]
         except ValueError as e:  # an empty line, or a conversation longer than the context
             print(f"error: {e}", file=sys.stderr)
-            continue
-        history = history if args.raw else messages + [{"role": "assistant", "content": tok.decode(tokens)}]
 
 
 def read_jsonl(path: str) -> list[tuple[str, str]]:
@@ -165,20 +127,18 @@ def is_correct(pred: str | None, answer: str) -> bool:
         return a == b
 
 
-def evaluate(model: tah.TaH, tok: tah.Tokenizer, rows: list[tuple[str, str]], gen: dict,
-             args: argparse.Namespace) -> str:
-    """Answers the questions in left-padded batches, printing progress; returns the summary."""
+def evaluate(model: tah.TaH, tok: tah.Tokenizer, rows: list, gen: dict, args: argparse.Namespace) -> str:
+    """Answers the (question, answer) rows in left-padded batches, printing progress; returns the summary."""
     right, passes, t0 = 0, [], time.perf_counter()
     for b in range(0, len(rows), args.batch_size):
         batch = rows[b:b + args.batch_size]
         prompts = [prompt_ids(tok, [{"role": "user", "content": f"{q}\n{INSTRUCTION}"}], args) for q, _ in batch]
         ids = torch.tensor([[-1] * (max(map(len, prompts)) - len(p)) + p for p in prompts])  # (B, T); -1 = pad
-        steps = [(t.tolist(), p.tolist()) for t, p in tah.generate(model, ids.clamp(min=0), valid=ids >= 0, **gen)]
-        for r, (_, answer) in enumerate(batch):
-            toks = [t[r] for t, _ in steps]
+        steps = zip(*tah.generate(model, ids.clamp(min=0), valid=ids >= 0, **gen))  # tokens, passes: (B,) each
+        for toks, iters, (_, answer) in zip(*(torch.stack(s, 1).tolist() for s in steps), batch):
             end = next((i for i, t in enumerate(toks) if t in gen["stop_ids"]), len(toks))  # its first stop
             right += is_correct(last_boxed(tok.decode(toks[:end])), answer)
-            passes += [p[r] for _, p in steps[:end]]
+            passes += iters[:end]
         n = b + len(batch)
         summary = f"accuracy {right}/{n} = {right / n:.1%} | {stats(passes, time.perf_counter() - t0, gen['policy'])}"
         print(f"[{n}/{len(rows)}] {summary}", file=sys.stderr)
@@ -187,9 +147,35 @@ def evaluate(model: tah.TaH, tok: tah.Tokenizer, rows: list[tuple[str, str]], ge
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (0 done, 1 a user error, 130 interrupted)."""
-    args = parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="the prompt; without one (and without --eval) a chat starts")
+    p.add_argument("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint directory")
+    p.add_argument("--system", help="system message (chat format only)")
+    p.add_argument("--no-think", action="store_true", help="turn Qwen3's thinking off (empty <think> block)")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
+    p.add_argument("--policy", choices=["decider", "standard", "always"],
+                   help="who gets pass 2: the decider (default if the model has one), nobody, everybody")
+    p.add_argument("--threshold", type=float, help="decider threshold (default: the checkpoint's)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top one")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="stop after this many (paper: 4096)")
+    p.add_argument("--seed", type=int, help="seed for sampling, for reproducible answers")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="bfloat16 on a GPU, else float32")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour by passes")
+    p.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
+    p.add_argument("--eval", metavar="FILE", help="score \\boxed{} answers to JSONL questions")
+    p.add_argument("--batch-size", type=int, default=1, help="--eval: questions generated together")
+    args = p.parse_args(argv)
+    if args.top_k < 0 or not 0 <= args.min_p < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--top-k must be >= 0, --min-p in [0, 1), --max-new-tokens and --batch-size >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else
                              "mps" if torch.backends.mps.is_available() else "cpu")
+    tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    color = args.color == "always" or (args.color == "auto" and tty)
     try:  # user errors (no such model, offline, bad JSONL, prompt too long) say what to do, in one line
         rows = read_jsonl(args.eval) if args.eval else None
         path = tah.resolve(args.model)
@@ -205,12 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         gen = dict(max_new_tokens=args.max_new_tokens, policy=policy, stop_ids=tok.stop_ids, threshold=args.threshold,
                    temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                    min_p=args.min_p, generator=rng)
-        tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        color = args.color == "always" or (args.color == "auto" and tty)
         if color and not rows:
             print("colours: " + ", ".join(paint(f"{d} pass" + "es" * (d > 1), d, True)
                                           for d in range(1, model.tah.max_iter + 1)), file=sys.stderr)
-        system = [{"role": "system", "content": args.system}] if args.system and not args.raw else []
+        system = [{"role": "system", "content": args.system}] if args.system else []
         if rows:
             print(evaluate(model, tok, rows, gen, args))
         elif args.prompt is not None:
