@@ -300,36 +300,26 @@ class Run:
         tmp.chmod(0o666 & ~umask)  # safetensors makes files only their owner can read
         os.replace(tmp, self.out / name)
 
-    def save_model(self, model, name: str) -> None:
-        """out/name by tah.save. Every process calls this: a sharded model is first gathered on rank 0."""
-        if isinstance(model, FSDPModule):
-            state = get_model_state_dict(model, options=WHOLE)
-            with torch.device("meta"):
-                model = tah.TaH(model.config, model.tah)
-            if self.rank == 0:
-                model.load_state_dict(state, assign=True)
-        if self.rank == 0:
-            tah.save(model, self.out / name, tokenizer_dir=self.tokenizer_dir)
-        self.barrier()
 
-
-def shard(model):
-    """FSDP2 with the whole model as one unit: weights, gradients and AdamW state lie split over the processes
-    and are gathered whole for each micro-batch. Not one unit per layer: those need every process to make the
-    same layer calls, and TaH runs its layers a second time only for micro-batches with hard tokens."""
-    fully_shard(model)
-    model.set_reduce_scatter_unused_params(True)  # a parameter one process left unused gets its zeros
-    model.set_gradient_divide_factor(1.0)  # sums, not means: train_step divides by the token count
-    model.set_force_sum_reduction_for_comms(True)  # as a plain SUM, which gloo has too
-    return model
-
-
-def train(run: Run, name: str, model, loss_fn, steps: int, lr: float, data: dict, labels, offset: int = 0):
-    """Trains the parameters that require grad for `steps` steps (on the data of steps offset + step), after an
-    estimate for the real sizes, then saves out/name. Resumes from out/name.state.pt; Ctrl-C (or --stop-after)
-    saves that state and exits."""
+def train(run: Run, name: str, make, loss_fn, steps: int, lr: float, data: dict, labels=None, offset: int = 0):
+    """out/name if that stage finished before, else make() with its parameters that require grad trained for
+    `steps` steps (on the data of steps offset + step), after an estimate for the real sizes, then saved as
+    out/name. Resumes from out/name.state.pt; Ctrl-C (or --stop-after) saves that state and exits."""
     a, state_path = run.args, run.out / f"{name}.state.pt"
-    model = shard(model) if a.shard else model
+    if a.resume and (run.out / name).exists():
+        run.log(f"{name}: finished before, loading {run.out / name}")
+        return load(run, run.out / name)
+    torch.manual_seed(a.seed)  # the same initialisation (LoRA, decider) whether fresh or resumed
+    model = make()
+    # recompute layers in backward (4096 tokens fit 24 GB); not for a decider, whose gradient stops at its inputs
+    model.grad_checkpointing = a.size != "toy" and model.decider is None
+    if a.shard:  # FSDP2 with the whole model as one unit: weights, gradients and AdamW state lie split over the
+        # processes and are gathered whole for each micro-batch. Not one unit per layer: those need every process
+        # to make the same layer calls, and TaH runs its layers again only for micro-batches with hard tokens.
+        fully_shard(model)
+        model.set_reduce_scatter_unused_params(True)  # a parameter one process left unused gets its zeros
+        model.set_gradient_divide_factor(1.0)  # sums, not means: train_step divides by the token count
+        model.set_force_sum_reduction_for_comms(True)  # as a plain SUM, which gloo has too
     if a.size != "toy":
         estimate(run, name, model, loss_fn, data, labels, steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -375,24 +365,21 @@ def train(run: Run, name: str, model, loss_fn, steps: int, lr: float, data: dict
                 sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, old)
-    run.save_model(model, name)
+    if a.shard:  # gathered whole on rank 0's CPU into a plain model (the other processes get {})
+        state = get_model_state_dict(model, options=WHOLE)
+        with torch.device("meta"):
+            model = tah.TaH(model.config, model.tah)
+        if run.rank == 0:
+            model.load_state_dict(state, assign=True)
+    if run.rank == 0:
+        tah.save(model, run.out / name, tokenizer_dir=run.tokenizer_dir)
+    run.barrier()
     state_path.unlink(missing_ok=True)
-    return load(run, run.out / name) if isinstance(model, FSDPModule) else model.eval()  # sharded: whole again
+    return load(run, run.out / name) if a.shard else model.eval()  # sharded: on run.device, whole
 
 
 def load(run: Run, path, t: tah.TaHConfig | None = None):
     return tah.load(path, device=run.device, dtype=torch.float32, tah=t)  # fp32 master weights; bf16 by autocast
-
-
-def stage(run: Run, name: str, make, loss_fn, steps: int, lr: float, data, labels=None, offset=0):
-    """out/name if that stage finished before, else make() trained."""
-    if run.args.resume and (run.out / name).exists():
-        run.log(f"{name}: finished before, loading {run.out / name}")
-        return load(run, run.out / name)
-    torch.manual_seed(run.args.seed)  # the same initialisation (LoRA, decider) whether fresh or resumed
-    model = make()
-    model.grad_checkpointing = run.args.size != "toy"  # recompute layers in backward: 4096 tokens fit 24 GB
-    return train(run, name, model, loss_fn, steps, lr, data, labels, offset)
 
 
 def estimate(run: Run, name: str, model, loss_fn, data, labels, steps: int) -> None:
@@ -476,7 +463,7 @@ def evaluate(run: Run, model, data: dict, labels, policy: str) -> dict:
         s += torch.tensor([chunked_ce(out.logits, b["tgt"]).item(), (ok & m).sum(), m.sum(),
                            (out.iter_count[m] > 1).sum(), (ok & easy).sum(), easy.sum(), (ok & hard).sum(), hard.sum(),
                            ((out.iter_count > 1) & b["valid"]).sum(), b["valid"].sum()], dtype=torch.float64)
-    s = torch.tensor(run.sum(*s.tolist()), dtype=torch.float64)
+    s = run.sum(*s.tolist())
     r = dict(loss=s[0] / s[2], acc=s[1] / s[2], iterating=s[3] / s[2], iterating_all=s[8] / s[9]) | \
         (dict(acc_easy=s[4] / s[5], acc_hard=s[6] / s[7]) if s[7] else {})
     return {k: round(float(v), 4) for k, v in r.items()}
@@ -527,21 +514,20 @@ def train_tah(run: Run, base, data: dict, labels, steps: int, decider_steps: int
     a, config = run.args, json.loads((tah.resolve(base) / "config.json").read_text())
     if not all(0 <= i <= config["num_hidden_layers"] for i in a.decider_layers):
         sys.exit(f"--decider-layers {a.decider_layers}: indices must lie in 0..{config['num_hidden_layers']}")
-    stage(run, "stage1", lambda: load(run, base, tah_settings(a, False)), functools.partial(lm_loss, policy="oracle"),
-          steps, a.lr, data, labels, offset)
-    if a.resume and (run.out / "tah").exists():
-        return load(run, run.out / "tah")
-    torch.manual_seed(a.seed)
-    model = load(run, run.out / "stage1", tah_settings(a, True))
-    for n, p in model.named_parameters():
-        p.requires_grad = n.startswith("decider.")
-    model.grad_checkpointing, before = False, fingerprint(model)
+    before = fingerprint(train(run, "stage1", lambda: load(run, base, tah_settings(a, False)),
+                               functools.partial(lm_loss, policy="oracle"), steps, a.lr, data, labels, offset))
     sp = spans(data, torch.cat([data["train"][batch_indices(a.seed, offset + s, len(data["train"]), a.batch)]
                                 for s in range(decider_steps)]))
     pos = sum(int((labels[s:e] == 2).sum()) for s, e in sp)
     pos_weight = a.pos_weight or (sum(e - s for s, e in sp) - pos) / max(pos, 1)  # 0 means negatives / positives
     run.log(f"stage 2: decider BCE with pos_weight {pos_weight:.2f}")
-    model = train(run, "tah", model, functools.partial(decider_loss, pos_weight=pos_weight), decider_steps,
+
+    def decider_only():  # stage 1's model with a fresh decider, the only part that trains
+        model = load(run, run.out / "stage1", tah_settings(a, True))
+        for n, p in model.named_parameters():
+            p.requires_grad = n.startswith("decider.")
+        return model
+    model = train(run, "tah", decider_only, functools.partial(decider_loss, pos_weight=pos_weight), decider_steps,
                   a.decider_lr, data, labels, offset)
     if fingerprint(model) != before:
         raise RuntimeError("stage 2 changed the backbone or the LoRA; only the decider may train")
@@ -567,16 +553,6 @@ def report(run: Run, models: dict, data: dict, labels) -> dict:
             run.log(f"{name:14} {p:9} {r['loss']:7.4f} {r['acc']:6.3f} {100 * r['iterating']:6.1f} "
                     f"{100 * r['iterating_all']:6.1f}" + (f" {r['acc_easy']:6.3f} {r['acc_hard']:6.3f}" if toy else ""))
     return res
-
-
-def toy_examples(run: Run, model, data: dict, n: int = 4) -> None:
-    tok = tah.load_tokenizer(run.tokenizer_dir)
-    run.log("\nheld-out 2-hop queries (table | ... query -> TaH's answer with the decider, passes, truth):")
-    for a, e in spans(data, data["held"][:n]):
-        ids, p = data["ids"][a:e].long(), int(torch.nonzero(data["target"][a:e] == 2)[0])  # the first 2-hop answer
-        token, passes = next(tah.generate(model, ids[:p].to(run.device), 1, policy="decider"))
-        run.log(f"  {tok.decode(ids[:N_LETTERS + 1].tolist())} ... {tok.decode(ids[p - 2:p].tolist())} -> "
-                f"{tok.decode([int(token)])} (passes {int(passes)}; truth {tok.decode([int(ids[p])])})")
 
 
 def get_data(run: Run) -> dict:
@@ -621,22 +597,28 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = tah.Qwen3Config(vocab_size=len(TOY_VOCAB), hidden_size=64, intermediate_size=192, num_hidden_layers=1,
                               num_attention_heads=4, num_key_value_heads=4, head_dim=16, rope_theta=1e4,
                               max_position_embeddings=128, tie_word_embeddings=False, torch_dtype="float32")
-        std = stage(run, "standard", lambda: tah.TaH(cfg).to(run.device), lm, P, a.lr, data)
+        std = train(run, "standard", lambda: tah.TaH(cfg).to(run.device), lm, P, a.lr, data)
         rows = torch.cat([batch_indices(a.seed, P + s, len(data["train"]), a.batch)
                           for s in range(max(S, a.decider_steps))])  # the rows stages 1 and 2 read
         labels = compute_labels(run, lambda: std, data, torch.cat([data["train"][rows.unique()], data["held"]]))
         model = train_tah(run, run.out / "standard", data, labels, S, a.decider_steps, offset=P)
-        long = stage(run, "standard-long", lambda: load(run, run.out / "standard"), lm, S, a.lr, data, None, P)
-        always = stage(run, "always", lambda: load(run, run.out / "standard", tah_settings(a, False)),
+        long = train(run, "standard-long", lambda: load(run, run.out / "standard"), lm, S, a.lr, data, None, P)
+        always = train(run, "always", lambda: load(run, run.out / "standard", tah_settings(a, False)),
                        functools.partial(lm_loss, policy="always"), S, a.lr, data, None, P)
         res = report(run, {"standard": (std, ["standard"]), "standard-long": (long, ["standard"]),
                            "always": (always, ["always"]), "tah": (model, POLICIES)}, data, labels)
-        toy_examples(run, model, data)
+        tok = tah.load_tokenizer(run.tokenizer_dir)
+        run.log("\nheld-out 2-hop queries (table | ... query -> TaH's answer with the decider, passes, truth):")
+        for i, j in spans(data, data["held"][:4]):
+            ids, p = data["ids"][i:j].long(), int(torch.nonzero(data["target"][i:j] == 2)[0])  # the first 2-hop answer
+            token, passes = next(tah.generate(model, ids[:p].to(run.device), 1, policy="decider"))
+            run.log(f"  {tok.decode(ids[:N_LETTERS + 1].tolist())} ... {tok.decode(ids[p - 2:p].tolist())} -> "
+                    f"{tok.decode([int(token)])} (passes {int(passes)}; truth {tok.decode([int(ids[p])])})")
         return res
     steps = S or math.ceil(len(data["train"]) * a.epochs / a.batch)
     decider_steps = a.decider_steps or math.ceil(len(data["train"]) * a.decider_epochs / a.batch)
     if a.baseline:  # the paper's Standard: the same data and budget, no iteration, no LoRA
-        model = stage(run, "baseline", lambda: load(run, a.model), lm, steps, a.lr, data)
+        model = train(run, "baseline", lambda: load(run, a.model), lm, steps, a.lr, data)
         return report(run, {"baseline": (model, ["standard"])}, data, None)
     base = run.out / "pruned" if a.prune else a.model
     if a.prune and run.rank == 0 and not (a.resume and base.exists()):  # "TaH": remove the least useful layer
