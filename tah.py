@@ -263,7 +263,6 @@ class KVCache:
         self.v = [[torch.zeros_like(k) for k in per_depth] for per_depth in self.k]
         self.pos = torch.zeros(D, batch_size, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(D, batch_size, max_len, dtype=torch.bool, device=device)
-        self.max_len = max_len
 
     def write_meta(self, depth, slots, pos, valid, end):
         """Records positions/validity of new entries (B, T_d); returns depth's (B, end) views."""
@@ -656,8 +655,9 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
             fresh.append(model.decider)
     for m in fresh:  # materialise just these from the meta device, then initialise
         if isinstance(m, LoRALinear):
-            m.lora_A.to_empty(device=device), m.lora_B.to_empty(device=device)
-            m.lora_A.to(dtype), m.lora_B.to(dtype), m.reset_lora()
+            for adapter in (m.lora_A, m.lora_B):
+                adapter.to_empty(device=device).to(dtype)
+            m.reset_lora()
         else:
             m.to_empty(device=device).float().reset_parameters()
         state.update({k: v for k, v in model.state_dict().items() if not v.is_meta and k not in state})

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file, save as safetensors_bytes  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -289,15 +289,12 @@ class Run:
         if self.rank:
             return
         tmp = self.out / f".{name}.tmp"
-        if name.endswith(".safetensors"):
-            save_file(obj, tmp)
+        if name.endswith(".safetensors"):  # as bytes: save_file would make a file only its owner can read
+            tmp.write_bytes(safetensors_bytes(obj))
         elif name.endswith(".pt"):
             torch.save(obj, tmp)
         else:
             tmp.write_text(obj)
-        umask = os.umask(0o022)  # (read by setting it)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # safetensors makes files only their owner can read
         os.replace(tmp, self.out / name)
 
 
