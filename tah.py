@@ -295,9 +295,10 @@ class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
 
 
 class TaH(nn.Module):
-    """Qwen3 with selective latent iterations. `policy` chooses who iterates:
-    "decider" (the default), "standard" (nobody: exactly Qwen3), "always" (everybody), or a
-    (B, T) integer tensor of passes per token (the oracle labels used in training)."""
+    """Qwen3 with selective latent iterations. `policy` chooses who iterates: "decider",
+    "standard" (nobody: exactly Qwen3), "always" (everybody), or a (B, T) integer tensor of
+    passes per token (the oracle labels used in training). None (the default) means "decider"
+    for a model that has one and "standard" for a plain Qwen3."""
 
     def __init__(self, config: Qwen3Config, tah: TaHConfig | None = None):
         super().__init__()
@@ -356,7 +357,7 @@ class TaH(nn.Module):
                 kept[i + 1] = x
         return x, kept
 
-    def forward(self, input_ids: torch.Tensor, policy: str | torch.Tensor = "decider", *,
+    def forward(self, input_ids: torch.Tensor, policy: str | torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0, threshold: float | None = None,
                 output_hidden_states: bool = False) -> Output:
@@ -368,6 +369,8 @@ class TaH(nn.Module):
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         if positions is None:
             positions = start + (valid.cumsum(1) - 1).clamp(min=0)
+        if policy is None:
+            policy = "standard" if self.decider is None else "decider"
         if isinstance(policy, str) and policy not in ("decider", "standard", "always"):
             raise ValueError(f"policy must be 'decider', 'standard', 'always' or a tensor, not {policy!r}")
         if policy == "decider" and self.decider is None:
@@ -617,64 +620,77 @@ def _read_decider(d: Path) -> dict:
     return {k: v.float() for k, v in state.items()}
 
 
-def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-         tah: TaHConfig | None = None) -> TaH:
-    """Loads a Qwen3 or TaH checkpoint: a local directory or a hub id. Reads config.json and
-    model.safetensors (or its shards); with tah_config.json also lora/ and the decider
-    (decider.safetensors, or the authors' iter_decider.bin). Without tah_config.json the model
-    is plain Qwen3. `tah` overrides the file's TaH settings (for training): a LoRA or decider it
-    asks for that the checkpoint lacks starts freshly initialised. dtype defaults to float32 on
-    the CPU and bfloat16 elsewhere; the decider stays float32."""
-    d = resolve(path_or_id)
-    config = Qwen3Config.from_dict(_read_json(d / "config.json"))
-    saved = tah_config_from_json(_read_json(d / "tah_config.json")) \
-        if (d / "tah_config.json").exists() else TaHConfig(lora_r=0)
-    t = tah or saved
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    with torch.device("meta"):
-        model = TaH(config, t)
-    state = _read_safetensors(_backbone_files(d), device, dtype)
-    if config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
+def _assign(model: TaH, state: dict, where) -> TaH:
+    """Puts `state` into a model built on the meta device, strictly: every tensor named, every
+    shape checked, nothing missing or extra. Ties the head to the embeddings where the config
+    says so (the one place that does)."""
+    if model.config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
         state.pop("lm_head.weight", None)
         if "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    fresh = []  # modules that start from an initialisation instead of the checkpoint
-    if t.lora_r:
-        if saved.lora_r:
-            files = [d / "lora" / "adapter_model.safetensors"]
-            if not files[0].exists():
-                raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {files[0]} is missing")
-            state.update(_read_safetensors(files, device, dtype, prefix="base_model.model."))
-        else:
-            fresh += [m for m in model.modules() if isinstance(m, LoRALinear)]
-    if model.decider is not None:
-        if saved.decider_layers is not None:
-            state.update({"decider." + k: v.to(device) for k, v in _read_decider(d).items()})
-        else:
-            fresh.append(model.decider)
-    for m in fresh:  # materialise just these from the meta device, then initialise
-        if isinstance(m, LoRALinear):
-            for adapter in (m.lora_A, m.lora_B):
-                adapter.to_empty(device=device).to(dtype)
-            m.reset_lora()
-        else:
-            m.to_empty(device=device).float().reset_parameters()
-        state.update({k: v for k, v in model.state_dict().items() if not v.is_meta and k not in state})
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{d}: the weights do not match config.json/tah_config.json: "
+        raise ValueError(f"{where}: the weights do not match config.json/tah_config.json: "
                          f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                          f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{d}: tensor {k} has shape {tuple(v.shape)} but the config implies "
-                             f"{tuple(expected[k].shape)}")
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)} but the config "
+                             f"implies {tuple(expected[k].shape)}")
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return model
+
+
+def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> TaH:
+    """Loads a Qwen3 or TaH checkpoint, exactly as it is on disk: a local directory or a hub id.
+    Reads config.json and model.safetensors (or its shards); with tah_config.json also lora/ and
+    the decider (decider.safetensors, or the authors' iter_decider.bin). Without tah_config.json
+    the model is plain Qwen3. dtype defaults to float32 on the CPU and bfloat16 elsewhere; the
+    decider stays float32. To train new TaH parts on top, see `add_parts`."""
+    d = resolve(path_or_id)
+    config = Qwen3Config.from_dict(_read_json(d / "config.json"))
+    tah = tah_config_from_json(_read_json(d / "tah_config.json")) \
+        if (d / "tah_config.json").exists() else TaHConfig(lora_r=0)
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    with torch.device("meta"):
+        model = TaH(config, tah)
+    state = _read_safetensors(_backbone_files(d), device, dtype)
+    if tah.lora_r:
+        lora = d / "lora" / "adapter_model.safetensors"
+        if not lora.exists():
+            raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {lora} "
+                                    "is missing")
+        state.update(_read_safetensors([lora], device, dtype, prefix="base_model.model."))
+    if model.decider is not None:
+        state.update({"decider." + k: v.to(device) for k, v in _read_decider(d).items()})
+    return _assign(model, state, d).eval()
+
+
+def add_parts(model: TaH, tah: TaHConfig) -> TaH:
+    """`model` with the TaH settings `tah`, for training: it keeps every weight `model` has
+    (shared, not copied), and a LoRA adapter or decider that `tah` asks for and `model` lacks
+    starts fresh: the LoRA as a no-op (B = 0), the decider at its initialisation, in fp32."""
+    p = model.lm_head.weight
+    with torch.device("meta"):
+        new = TaH(model.config, tah)
+    state = dict(model.state_dict())
+    for name, m in new.named_modules():  # materialise just the new parts, then initialise them
+        prefix = name + "."
+        if isinstance(m, LoRALinear) and m.lora_A is not None and \
+                prefix + "lora_A.weight" not in state:
+            for adapter in (m.lora_A, m.lora_B):
+                adapter.to_empty(device=p.device).to(p.dtype)
+            m.reset_lora()
+        elif m is new.decider and not any(k.startswith(prefix) for k in state):
+            m.to_empty(device=p.device).float().reset_parameters()
+        else:
+            continue
+        state.update({prefix + k: v for k, v in m.state_dict().items() if not v.is_meta})
+    return _assign(new, state, "add_parts").train(model.training)
 
 
 def save(model: TaH, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
@@ -797,7 +813,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 
 @torch.no_grad()
 def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: int, *,
-             policy: str = "decider", valid: torch.Tensor | None = None, stop_ids=(),
+             policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
              **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the

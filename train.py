@@ -376,7 +376,8 @@ def train(run: Run, name: str, make, loss_fn, steps: int, lr: float, data: dict,
 
 
 def load(run: Run, path, t: tah.TaHConfig | None = None):
-    return tah.load(path, device=run.device, dtype=torch.float32, tah=t)  # fp32 master weights; bf16 by autocast
+    model = tah.load(path, device=run.device, dtype=torch.float32)  # fp32 master weights; bf16 by autocast
+    return model if t is None else tah.add_parts(model, t)  # a fresh LoRA or decider where t asks for one
 
 
 def estimate(run: Run, name: str, model, loss_fn, data, labels, steps: int) -> None:

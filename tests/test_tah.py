@@ -357,8 +357,9 @@ def test_nonuniform_decider_dims(tmp_path):
 
 
 def test_fresh_adapter_and_decider_on_a_plain_checkpoint(tmp_path):
-    """load(plain Qwen3 dir, tah=...) adds a LoRA with B = 0 and a decider: "standard" is the plain
-    model, and pass 2 is the LoRA-free layers on the soft token."""
+    """add_parts(load(plain Qwen3 dir), ...) adds a LoRA with B = 0 and a decider: "standard" is
+    the plain model, and pass 2 is the LoRA-free layers on the soft token. The loaded model's
+    weights are shared, not copied; load alone reads exactly what is on disk."""
     s = Setup(layers=2, kv_heads=1, groups=4, head_dim=8, hidden=24, vocab=48, tie=True, lora_r=4,
               input_topk=5, decider_topk=5, decider_layers=(1,), decider_dims=(8,), max_iter=2, seed=5)
     src = build(s)
@@ -366,7 +367,11 @@ def test_fresh_adapter_and_decider_on_a_plain_checkpoint(tmp_path):
     tah.save(plain, tmp_path / "plain")
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
     t = tah.TaHConfig(input_topk=5, lora_r=4, decider_layers=[1], decider_topk=5, decider_dims=[8])
-    fresh = tah.load(tmp_path / "plain", tah=t)
+    loaded = tah.load(tmp_path / "plain")
+    assert loaded.tah == tah.TaHConfig(lora_r=0) and loaded.decider is None
+    fresh = tah.add_parts(loaded, t)
+    assert fresh.model.embed_tokens.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert fresh.decider.combined_projection.weight.dtype == torch.float32
     nolora = same_backbone(src, tah.TaH(src.config, tah.TaHConfig(input_topk=5, lora_r=0)))
     ids = torch.randint(0, 48, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -399,3 +404,27 @@ def test_backward_reaches_what_ran(max_iter):
         assert m.model.embed_tokens.weight.grad.abs().sum() > 0
         if isinstance(policy, str):
             assert m.decider.combined_projection.weight.grad.abs().sum() > 0
+
+
+def test_a_plain_qwen3_runs_with_the_default_policy(tmp_path):
+    """Without a decider the default policy is "standard": forward and generate just run and
+    give the Qwen3 logits; asking for "decider" explicitly stays a clear error."""
+    s = Setup(layers=2, kv_heads=1, groups=2, head_dim=8, hidden=16, vocab=40, tie=False, lora_r=0,
+              input_topk=5, decider_topk=5, decider_layers=(), decider_dims=(8,), max_iter=2,
+              seed=3)
+    src = build(s, decider=False)
+    tah.save(same_backbone(src, tah.TaH(src.config)), tmp_path / "qwen")
+    model = tah.load(tmp_path / "qwen")
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids)
+        assert torch.equal(out.logits, model(ids, "standard").logits)
+        assert (out.iter_count == 1).all() and out.continue_logit is None
+        steps = list(tah.generate(model, ids[:1], 4))
+        greedy = ids[:1]
+        for tok, passes in steps:  # the same tokens as argmax over full forwards, one pass each
+            assert int(passes) == 1
+            assert int(tok) == int(model(greedy, "standard").logits[0, -1].argmax())
+            greedy = torch.cat([greedy, tok[:, None]], 1)
+    with pytest.raises(ValueError, match="needs a model with a decider"):
+        model(ids, "decider")

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tah  # noqa: E402  (the repository's model, not an installed copy)
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "official-tiny"
+FIXTURE = ROOT / "tests" / "fixtures" / "official-tiny"
 TRACE_PROMPT = "Question: what is 6 times 7? Answer:"
 TRACE_NEW_TOKENS = 8
 
@@ -168,7 +168,7 @@ FIGURES = {"duo_mask.svg": lambda fixture: duo_mask_svg(), "token_trace.svg": to
 def write_all(out: Path, fixture: Path = FIXTURE) -> list[Path]:
     if not (fixture / "config.json").exists():
         raise FileNotFoundError(f"{fixture} is not the official-tiny fixture (no config.json); "
-                                "pass --fixture with the path of shared/fixtures/official-tiny")
+                                "pass --fixture with the path of tests/fixtures/official-tiny")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in FIGURES.items():
@@ -183,7 +183,7 @@ def main() -> None:
                     help="directory to write the SVG files into (default: tutorial/figures)")
     ap.add_argument("--fixture", type=Path, default=FIXTURE,
                     help="the official-tiny checkpoint used for the token trace "
-                         "(default: shared/fixtures/official-tiny beside the checkout)")
+                         "(default: tests/fixtures/official-tiny)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread: the same float sums on every machine
     for path in write_all(args.out, args.fixture):
