@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top_k < 0 or not 0 <= args.min_p < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--top-k must be >= 0, --min-p in [0, 1), --max-new-tokens and --batch-size >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else
-                             "mps" if torch.backends.mps.is_available() else "cpu")
+    device = args.device or tah.default_device()
     tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     color = args.color == "always" or (args.color == "auto" and tty)
     try:  # user errors (no such model, offline, bad JSONL, prompt too long) say what to do, in one line

@@ -286,6 +286,24 @@ class Output:
     hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, final norm]
 
 
+def hard_first(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chooses and packs the hard tokens: for active (B, T) returns idx (B, T_d), the positions
+    of each row's active tokens first (in order; a stable sort), T_d = the most actives in any
+    row, and q_valid (B, T_d), False where a row with fewer actives is padded with inactives."""
+    n = int(active.sum(1).max())
+    idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
+    return idx, active.gather(1, idx)
+
+
+def add_logit_residual(logits: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> None:
+    """The logit residual: logits[b, idx[b, j]] += z[b, j] for logits (B, T, V), idx (B, T_d),
+    z (B, T_d, V) (zero at padding). In place: no op of the graph saved these logits (top-k and
+    indexing keep only indices). Rows of the flat (B*T, V) view are b*T + t."""
+    B, T, V = logits.shape
+    rows = torch.arange(B, device=idx.device)[:, None] * T  # (B, 1)
+    logits.view(B * T, V).index_add_(0, (idx + rows).flatten(), z.flatten(0, 1))
+
+
 class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
     def __init__(self, c: Qwen3Config, t: TaHConfig):
         super().__init__()
@@ -399,18 +417,14 @@ class TaH(nn.Module):
             if not active.any():
                 break
             iter_count = iter_count + active.long()
-            n = int(active.sum(1).max())
-            idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
-            q_valid = active.gather(1, idx)  # rows with fewer actives are padded with inactives
+            idx, q_valid = hard_first(active)  # (B, T_d) each
             rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
             x = self.soft_token(logits[rows, idx])  # (B, T_d, H)
             x, kept_d = self._pass(x, positions.gather(1, idx), q_valid, slots.gather(1, idx),
                                    depth, cache, end, past, meta, keep if depth < D else set())
             h = self.model.norm(x)
             z = self.lm_head(h.masked_fill(~q_valid[..., None], 0.0))  # z_d (B, T_d, V), 0 if padding
-            # the logit residual, in place: no op of the graph saved these logits (topk and
-            # indexing keep only indices). Rows of the flat (B*T, V) view: b*T + t.
-            logits.view(B * T, -1).index_add_(0, (idx + rows * T).flatten(), z.flatten(0, 1))
+            add_logit_residual(logits, idx, z)
             if depth < D:  # who goes on: decided among this depth's tokens, scattered back
                 sub = policy.gather(1, idx) if isinstance(policy, torch.Tensor) else policy
                 c = self.decider({**kept_d, L: h}, logits[rows, idx]) if use_decider else None
@@ -475,9 +489,15 @@ class Decider(nn.Module):
         self.backbone = DeciderBackbone(list(t.decider_dims), t.decider_expansion, t.decider_dropout)
 
     def reset_parameters(self) -> None:
+        """As the authors initialise it: every Linear of the backbone Kaiming-normal with zero
+        bias; the two projections and the LayerNorms keep PyTorch's defaults."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.LayerNorm)):
                 m.reset_parameters()
+        for m in self.backbone.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)  # std sqrt(2 / fan_in)
+                nn.init.zeros_(m.bias)
 
     def forward(self, hidden: dict[int, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """hidden: index -> (B, T, H); logits (B, T, V) -> continue logit (B, T)."""
@@ -790,6 +810,13 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
 
 
 # ----------------------------------------------------------------------------- generation
+
+
+def default_device() -> str:
+    """The first of cuda, mps, cpu that this machine has."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

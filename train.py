@@ -249,8 +249,7 @@ class Run:
     def __init__(self, args):
         self.args, self.out, self.stop, self.steps_done = args, Path(args.out), False, 0
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
-                                                   "mps" if torch.backends.mps.is_available() else "cpu"))
+        self.device = torch.device(args.device or tah.default_device())
         self.tokenizer_dir = self.out / "tokenizer" if args.size == "toy" else tah.resolve(args.model)
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if "RANK" in os.environ:  # started by torchrun: one process per GPU (gloo: processes on a CPU)
@@ -679,7 +678,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     for k, v in SIZES[a.size].items():
         setattr(a, k, v if getattr(a, k, None) is None else getattr(a, k))
-    gpu = a.size != "toy" and (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpu = a.size != "toy" and (a.device or tah.default_device()).startswith("cuda")
     a.out, a.dtype = a.out or f"runs/{a.size}", a.dtype or ("bfloat16" if gpu else "float32")
     a.log_every = a.log_every or (100 if a.size == "toy" else 1)
     a.save_every = (0 if a.size == "toy" else 10) if a.save_every is None else a.save_every

@@ -428,3 +428,39 @@ def test_a_plain_qwen3_runs_with_the_default_policy(tmp_path):
             greedy = torch.cat([greedy, tok[:, None]], 1)
     with pytest.raises(ValueError, match="needs a model with a decider"):
         model(ids, "decider")
+
+
+def test_hard_first_packs_each_rows_actives_in_order():
+    active = torch.tensor([[False, True, False, True, False],
+                           [True, False, False, False, False],
+                           [False, False, False, False, False]])
+    idx, q_valid = tah.hard_first(active)
+    assert idx[0].tolist() == [1, 3] and idx[1, 0] == 0 and q_valid.tolist() == \
+        [[True, True], [True, False], [False, False]]
+    assert (active.gather(1, idx) == q_valid).all()
+
+
+def test_add_logit_residual_adds_at_the_packed_positions_only():
+    logits = torch.zeros(2, 4, 3)
+    idx = torch.tensor([[2, 0], [1, 3]])
+    z = torch.arange(12.0).view(2, 2, 3)
+    tah.add_logit_residual(logits, idx, z)
+    want = torch.zeros(2, 4, 3)
+    want[0, 2], want[0, 0], want[1, 1], want[1, 3] = z[0, 0], z[0, 1], z[1, 0], z[1, 1]
+    assert torch.equal(logits, want)
+
+
+def test_decider_initialisation_is_the_authors():
+    """Backbone Linears Kaiming-normal (std sqrt(2 / fan_in), within 10%) with zero biases."""
+    c = tah.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    d = tah.Decider(c, tah.TaHConfig(decider_layers=[0, 1], decider_dims=[256] * 2, decider_topk=8))
+    d.reset_parameters()
+    linears = [m for m in d.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6  # input projection, 2 x (2 block MLP Linears), output layer
+    for m in linears:
+        want = (2 / m.weight.shape[1]) ** 0.5
+        assert abs(m.weight.std().item() / want - 1) < 0.1 and not m.bias.any()
+    bound = 1 / 8 ** 0.5  # the projections keep nn.Linear's default uniform(+-1/sqrt(fan_in))
+    assert d.logits_projection.weight.abs().max() <= bound and d.logits_projection.bias.any()
