@@ -2,8 +2,11 @@
 
   duo_mask.svg     the duo-causal mask of the worked example (5 positions, positions 1 and 3 take
                    pass 2): which (position, pass) query may attend to which (position, pass) key
-  token_trace.svg  a prompt and a greedy continuation of the fixture checkpoint, each token coloured
-                   by the passes the model spent predicting it (what `tah.generate` reports)
+  pipeline.svg     one whole TaH forward of the trained toy model on one row, with the shape of
+                   every tensor: pass 1, the decider, the gather, pass 2, the logit residual
+  token_trace.svg  one unseen row of the toy task read by the trained toy model (teacher-forced,
+                   with its own decider and threshold): each token coloured by the passes spent
+                   predicting it, each answer marked right or wrong
 
 The SVG is built as a string with integer coordinates, no timestamps and no randomness, so the
 same code and checkpoint give the same bytes; tests/test_tutorial.py checks that the committed
@@ -11,7 +14,7 @@ files are exactly what this script writes.
 
     python tutorial/figures.py                        # rewrites tutorial/figures/*.svg
     python tutorial/figures.py --out /tmp/figs        # somewhere else
-    python tutorial/figures.py --fixture path/to/official-tiny
+    python tutorial/figures.py --toy path/to/toy-tah  # another trained toy checkpoint
 """
 from __future__ import annotations
 
@@ -25,12 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tah  # noqa: E402  (the repository's model, not an installed copy)
 
-FIXTURE = ROOT / "tests" / "fixtures" / "official-tiny"
-TRACE_PROMPT = "Question: what is 6 times 7? Answer:"
-TRACE_NEW_TOKENS = 8
+TOY = ROOT / "tests" / "fixtures" / "toy-tah"  # `python train.py` (defaults, seed 0): its tah/
+# A row of the toy task that no training step saw: train.toy_data(300, 0, seed=2), row 124 (a table
+# `k>v`, the separator, then 16 queries `marker letter answer`; `2:` asks for table[table[x]]).
+TRACE_ROW = ("J>J A>F H>D C>I I>G F>C E>E D>H G>A B>B | 2: H H 1: B B 2: I A 2: E E 2: D D 1: D H "
+             "2: E E 2: I A 1: G A 1: G A 1: B B 2: G F 1: B B 1: F C 1: I G 2: J J")
 
 ATTEND, BLOCKED, MISSING = "#2b6cb0", "#ffffff", "#d4d4d4"  # mask cell colours
-ONE_PASS, TWO_PASSES, NO_PREDICTOR = "#edf2f7", "#f6ad55", "#ffffff"  # trace box colours
+ONE_PASS, TWO_PASSES = "#edf2f7", "#f6ad55"  # trace box colours
+RIGHT, WRONG = "#2f855a", "#c53030"  # answer marks
+PASS1, DECIDE, PASS2 = "#ebf4ff", "#fefcbf", "#feebc8"  # pipeline box colours
 HIGHLIGHT, INK, GRID = "#c05621", "#1a202c", "#a0aec0"
 FONT = 'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace"'
 
@@ -112,67 +119,138 @@ def duo_mask_svg() -> str:
     return svg(width, y + 4 * 22 + 12, body)
 
 
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def pipeline_shapes(toy: Path = TOY, row: str = TRACE_ROW) -> dict:
+    """The sizes of one TaH forward of the toy model on one row, read off the run itself."""
+    model, tok = tah.load(toy), tah.load_tokenizer(toy)
+    ids = torch.tensor([tok.encode(row)])
+    with torch.no_grad():
+        out = model(ids, "decider")
+    idx, _ = tah.hard_first(out.iter_count == 2)
+    c, t = model.config, model.tah
+    return dict(B=ids.shape[0], T=ids.shape[1], H=c.hidden_size, V=c.vocab_size, L=c.num_hidden_layers,
+                T_d=idx.shape[1], layers=list(t.decider_layers), threshold=t.threshold, k=t.input_topk,
+                active=int((out.iter_count == 2).sum()), logits=tuple(out.logits.shape))
+
+
+def pipeline_steps(s: dict) -> list[tuple[str, str, str]]:
+    """(colour, what happens, the tensor it produces with its shape) for each step of the forward."""
+    B, T, H, V, L, T_d = s["B"], s["T"], s["H"], s["V"], s["L"], s["T_d"]
+    return [
+        (PASS1, "input_ids", f"(B, T) = ({B}, {T})"),
+        (PASS1, "embed_tokens", f"x (B, T, H) = ({B}, {T}, {H})"),
+        (PASS1, f"pass 1: {L} decoder layer(s), LoRA off, causal mask", f"(B, T, H) = ({B}, {T}, {H})"),
+        (PASS1, "final norm, lm_head", f"z1 (B, T, V) = ({B}, {T}, {V})"),
+        (DECIDE, f"decider: hidden states {s['layers']} + top-k of z1", f"logit (B, T) = ({B}, {T})"),
+        (DECIDE, f"sigmoid > {s['threshold']}: {s['active']} of {B * T} tokens iterate",
+         f"active (B, T) = ({B}, {T})"),
+        (PASS2, "hard_first: actives first (stable argsort)", f"idx, q_valid (B, T_d) = ({B}, {T_d})"),
+        (PASS2, f"soft_token(z1[idx]): top-{s['k']} mix of embedding rows", f"x (B, T_d, H) = ({B}, {T_d}, {H})"),
+        (PASS2, "pass 2: the same layer(s), LoRA on, duo-causal mask", f"mask (B, T_d, T + T_d) = ({B}, {T_d}, {T + T_d})"),
+        (PASS2, "final norm, lm_head", f"z2 (B, T_d, V) = ({B}, {T_d}, {V})"),
+        (PASS1, "add_logit_residual: logits[idx] += z2", f"z1 + z2 or z1 (B, T, V) = ({B}, {T}, {V})"),
+    ]
+
+
+def pipeline_svg(toy: Path = TOY) -> str:
+    steps = pipeline_steps(pipeline_shapes(toy))
+    width, left, box_w, box_h, gap = 820, 20, 440, 30, 16
+    body = [text(width // 2, 22, "one TaH forward of the trained toy model on one row, with shapes", 13)]
+    y = 40
+    for i, (fill, what, shape) in enumerate(steps):
+        body.append(rect(left, y, box_w, box_h, fill, stroke=INK))
+        body.append(text(left + 8, y + 19, what, 11, anchor="start"))
+        body.append(text(left + box_w + 12, y + 19, shape, 11, anchor="start"))
+        if i < len(steps) - 1:  # an arrow down to the next step
+            x, y1, y2 = left + box_w // 2, y + box_h, y + box_h + gap
+            body.append(f'<line x1="{x}" y1="{y1}" x2="{x}" y2="{y2}" stroke="{INK}"/>')
+            body.append(f'<path d="M{x - 4},{y2 - 6} L{x},{y2} L{x + 4},{y2 - 6}" fill="none" stroke="{INK}"/>')
+        y += box_h + gap
+    legend = [(PASS1, "every token: pass 1, and the output"), (DECIDE, "the decider: who iterates"),
+              (PASS2, "only the gathered tokens: pass 2")]
+    for i, (fill, label) in enumerate(legend):
+        body.append(rect(left, y + i * 22, 16, 16, fill, stroke=INK))
+        body.append(text(left + 24, y + i * 22 + 13, label, 12, anchor="start"))
+    y += len(legend) * 22 + 4
+    body.append(text(left, y + 12, "B batch, T tokens, H hidden size, V vocabulary, T_d the most tokens "
+                     "iterating in any row", 11, anchor="start"))
+    return svg(width, y + 24, body)
+
+
 # ----------------------------------------------------------------------------- the token trace
 
 
 def token_label(s: str) -> str:
-    """Spaces as a middle dot, control characters as escapes, so every token shows as a box."""
-    return "".join("·" if c == " " else c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
+    """Control characters as escapes, so every token shows as a box."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
 
 
-def trace(fixture: Path, prompt: str = TRACE_PROMPT, new_tokens: int = TRACE_NEW_TOKENS):
-    """(token strings, passes spent predicting each token or 0 for the first, number of prompt
-    tokens), greedy, with the checkpoint's own decider and threshold."""
-    model, tok = tah.load(fixture), tah.load_tokenizer(fixture)
-    ids = tok.encode(prompt)
-    with torch.no_grad():  # prefill: position t's passes shaped the prediction of token t+1
-        prompt_passes = model(torch.tensor([ids]), "decider").iter_count[0].tolist()
-    steps = list(tah.generate(model, ids, new_tokens))
-    tokens = ids + [int(t[0]) for t, _ in steps]
-    passes = [0] + prompt_passes[:-1] + [int(p[0]) for _, p in steps]
-    return [token_label(tok.decode([i])) for i in tokens], passes, len(ids)
+def trace(toy: Path = TOY, row: str = TRACE_ROW) -> list[tuple[str, int, bool, bool]]:
+    """Per token of the row: (label, passes spent predicting it (0 for the first token), whether it
+    is a scored answer, whether the model's final argmax at the previous position is this token).
+    Teacher-forced, as the toy is evaluated, with the checkpoint's own decider and threshold."""
+    model, tok = tah.load(toy), tah.load_tokenizer(toy)
+    ids = tok.encode(row)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), "decider")
+    passes = [0] + out.iter_count[0, :-1].tolist()  # position t-1's passes shaped token t
+    right = [False] + (out.logits[0, :-1].argmax(-1) == torch.tensor(ids[1:])).tolist()
+    sep = ids.index(tok.tok.token_to_id("|"))
+    answer = [t > sep and (t - sep) % 3 == 0 for t in range(len(ids))]  # marker, letter, answer
+    return [(token_label(tok.decode([i])), p, a, r) for i, p, a, r in zip(ids, passes, answer, right)]
 
 
-def token_trace_svg(fixture: Path = FIXTURE) -> str:
-    labels, passes, n_prompt = trace(fixture)
-    width, char, h, gap, left = 720, 8, 26, 6, 20
-    body = [text(width // 2, 22, "greedy decoding with the decider: passes spent predicting each token", 13)]
-    x, y = left, 44
-    for i, (label, p) in enumerate(zip(labels, passes)):
+def token_trace_svg(toy: Path = TOY) -> str:
+    tokens = trace(toy)
+    width, char, h, gap, left = 760, 8, 26, 6, 20
+    body = [text(width // 2, 22, "the trained toy model reads an unseen row: passes spent predicting each token", 13)]
+    x, y, drawn = left, 44, set()
+    for label, p, answer, right in tokens:
         w = 12 + char * len(label)
         if x + w > width - left:
-            x, y = left, y + h + 22
-        fill = {0: NO_PREDICTOR, 1: ONE_PASS, 2: TWO_PASSES}[p]
-        dash = ' stroke-dasharray="4 3"' if i < n_prompt else ""
-        body.append(rect(x, y, w, h, fill, stroke=INK, extra=dash))
+            x, y = left, y + h + 26
+        dash = ' stroke-dasharray="1 3"' if p == 0 else ""
+        body.append(rect(x, y, w, h, {0: "#ffffff", 1: ONE_PASS, 2: TWO_PASSES}[p], stroke=INK, extra=dash))
         body.append(text(x + w // 2, y + 18, label, 13))
-        if p:
-            body.append(text(x + w // 2, y + h + 13, str(p), 10))
+        drawn.add(p)
+        if answer:
+            body.append(text(x + w // 2, y + h + 15, "✓" if right else "✗", 13,
+                             extra=f' style="fill:{RIGHT if right else WRONG}"'))
+            drawn.add("right" if right else "wrong")
         x += w + gap
     y += h + 44
-    legend = [(ONE_PASS, "", "1 pass (pass 1 only)"), (TWO_PASSES, "", "2 passes (the decider chose a second pass)"),
-              ("#ffffff", ' stroke-dasharray="4 3"', "prompt token (prefill); solid border: generated"),
-              (NO_PREDICTOR, ' stroke-dasharray="1 3"', "first token: no position predicted it")]
-    for i, (fill, dash, label) in enumerate(legend):
-        body.append(rect(left, y + i * 22, 16, 16, fill, stroke=INK, extra=dash))
-        body.append(text(left + 24, y + i * 22 + 13, label, 12, anchor="start"))
-    y += len(legend) * 22 + 4
-    body.append(text(left, y + 12, "official-tiny fixture: random weights, threshold 0.7825. "
-                     "It shows the bookkeeping, not skill.", 11, anchor="start"))
+    legend = [(1, ONE_PASS, "", "1 pass: pass 1 only"),
+              (2, TWO_PASSES, "", "2 passes: the decider chose a second pass"),
+              (0, "#ffffff", ' stroke-dasharray="1 3"', "first token: no position predicted it")]
+    for key, fill, dash, label in legend:  # only what the figure shows
+        if key in drawn:
+            body.append(rect(left, y, 16, 16, fill, stroke=INK, extra=dash))
+            body.append(text(left + 24, y + 13, label, 12, anchor="start"))
+            y += 22
+    for key, colour, label in [("right", RIGHT, "✓ an answer the model gets right (final argmax)"),
+                               ("wrong", WRONG, "✗ an answer the model gets wrong")]:
+        if key in drawn:
+            body.append(text(left, y + 13, label, 12, anchor="start", extra=f' style="fill:{colour}"'))
+            y += 22
+    body.append(text(left, y + 12, "tests/fixtures/toy-tah (python train.py, seed 0), its decider at threshold "
+                     f"{tah.load(toy).tah.threshold}. 1: x asks table[x], 2: x table[table[x]]", 11, anchor="start"))
     return svg(width, y + 24, body)
 
 
-FIGURES = {"duo_mask.svg": lambda fixture: duo_mask_svg(), "token_trace.svg": token_trace_svg}
+FIGURES = {"duo_mask.svg": lambda toy: duo_mask_svg(), "pipeline.svg": pipeline_svg,
+           "token_trace.svg": token_trace_svg}
 
 
-def write_all(out: Path, fixture: Path = FIXTURE) -> list[Path]:
-    if not (fixture / "config.json").exists():
-        raise FileNotFoundError(f"{fixture} is not the official-tiny fixture (no config.json); "
-                                "pass --fixture with the path of tests/fixtures/official-tiny")
+def write_all(out: Path, toy: Path = TOY) -> list[Path]:
+    if not (toy / "config.json").exists():
+        raise FileNotFoundError(f"{toy} is not a trained toy checkpoint (no config.json); "
+                                "pass --toy with the path of tests/fixtures/toy-tah")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, draw in FIGURES.items():
-        (out / name).write_bytes(draw(fixture).encode("utf-8"))
+        (out / name).write_bytes(draw(toy).encode("utf-8"))
         paths.append(out / name)
     return paths
 
@@ -181,12 +259,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "tutorial" / "figures",
                     help="directory to write the SVG files into (default: tutorial/figures)")
-    ap.add_argument("--fixture", type=Path, default=FIXTURE,
-                    help="the official-tiny checkpoint used for the token trace "
-                         "(default: tests/fixtures/official-tiny)")
+    ap.add_argument("--toy", type=Path, default=TOY,
+                    help="the trained toy checkpoint that the pipeline and the token trace read "
+                         "(default: tests/fixtures/toy-tah)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread: the same float sums on every machine
-    for path in write_all(args.out, args.fixture):
+    for path in write_all(args.out, args.toy):
         print(path)
 
 
