@@ -3,11 +3,14 @@
 Conventions (also stated at the top of tutorial/README.md):
 - every ```python block of a chapter runs, in order, in one fresh namespace per chapter, with the
   repository root on sys.path and as the working directory;
-- an ```output block right after a ```python block is what that block prints, checked exactly;
+- an ```output block right after a ```python block is what that block prints, checked exactly,
+  and a python block that prints must have one;
+- every chapter ends with `## Exercises` whose answers are python blocks, so they run too;
 - a backticked dotted name that starts with `tah.` or with a class of tah.py (`TaH.forward`) cites
   tah.py and must resolve: by getattr, as a dataclass field, or as an attribute that the class
   sets on `self` (`TaH.decider`); `train.NAME` must be a top-level name of train.py;
-- tutorial/figures/*.svg are exactly what tutorial/figures.py writes.
+- tutorial/figures/*.svg are exactly what tutorial/figures.py writes (from the trained toy
+  checkpoint tests/fixtures/toy-tah).
 """
 from __future__ import annotations
 
@@ -22,13 +25,15 @@ import re
 import sys
 
 import pytest
+import torch
 
-from conftest import FIXTURE, ROOT
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 import tah  # noqa: E402
 
 TUTORIAL = ROOT / "tutorial"
+TOY = ROOT / "tests" / "fixtures" / "toy-tah"  # the trained toy checkpoint (python train.py, seed 0)
 CHAPTERS = sorted(TUTORIAL.glob("[0-9][0-9]-*.md"))
 FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 CITE = re.compile(r"`((?:tah\.)?[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(\))?`")
@@ -114,8 +119,8 @@ def test_snippets_run(chapter, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
     namespace = {"__name__": f"tutorial_{chapter.stem.replace('-', '_')}"}
-    printed, ran = None, 0
-    for n, (lang, code) in enumerate(fenced_blocks(chapter.read_text(encoding="utf-8"))):
+    printed, ran, blocks = None, 0, fenced_blocks(chapter.read_text(encoding="utf-8"))
+    for n, (lang, code) in enumerate(blocks):
         if lang == "python":
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):
@@ -124,6 +129,9 @@ def test_snippets_run(chapter, monkeypatch):
                 except Exception as e:
                     raise AssertionError(f"{chapter.name}, python block {n + 1} failed:\n{code}") from e
             printed, ran = buffer.getvalue(), ran + 1
+            shown = n + 1 < len(blocks) and blocks[n + 1][0] == "output"
+            assert shown or not printed.strip(), \
+                f"{chapter.name}, python block {n + 1} prints\n{printed}\nbut no ```output block shows it"
         elif lang == "output":
             assert printed is not None, f"{chapter.name}: an output block must follow a python block"
             got = "\n".join(line.rstrip() for line in printed.rstrip("\n").splitlines())
@@ -131,6 +139,33 @@ def test_snippets_run(chapter, monkeypatch):
             assert got == want, f"{chapter.name}, output block {n + 1}: printed\n{got}\nbut the text says\n{want}"
             printed = None
     assert ran, f"{chapter.name} has no python snippet"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_ends_with_exercises_whose_answers_run(chapter):
+    """Motivation first (prose before the first snippet), exercises last, with answers in code."""
+    text = chapter.read_text(encoding="utf-8")
+    first_code = FENCE.search(text)
+    assert first_code and len(prose(text[:first_code.start()]).split()) >= 60, \
+        f"{chapter.name}: say why (a paragraph or more) before the first snippet"
+    assert "\n## Exercises\n" in text, f"{chapter.name} has no '## Exercises' section"
+    exercises = text.split("\n## Exercises\n", 1)[1]
+    assert "\n## " not in exercises, f"{chapter.name}: '## Exercises' must be the last section"
+    assert any(lang == "python" for lang, _ in fenced_blocks(exercises)), \
+        f"{chapter.name}: the exercises need answers as python blocks (they run with the chapter)"
+
+
+def test_missing_printed_output_is_caught(tmp_path, monkeypatch):
+    """A snippet that prints with no output block after it fails the check."""
+    page = tmp_path / "99-x.md"
+    page.write_text("```python\nimport tah\nprint(2 + 2)\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="no ```output block shows it"):
+        test_snippets_run(page, monkeypatch)
+    page.write_text("```python\nprint(2 + 2)\n```\n\n```output\n5\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="but the text says"):
+        test_snippets_run(page, monkeypatch)
+    page.write_text("```python\nprint(2 + 2)\n```\n\n```output\n4\n```\n", encoding="utf-8")
+    test_snippets_run(page, monkeypatch)
 
 
 @pytest.mark.parametrize("page", [TUTORIAL / "README.md", *CHAPTERS], ids=lambda p: p.stem)
@@ -187,11 +222,48 @@ def test_duo_mask_figure_is_current():
     assert [e for e, s in zip(entries, row) if s == "attend"] == [(p, 1) for p in range(5)]
 
 
-def test_token_trace_figure_is_current(tmp_path):
-    if not (FIXTURE / "config.json").exists():
-        pytest.skip(f"the fixture checkpoint is not at {FIXTURE}")
+def test_figures_are_current(tmp_path):
     figures = _figures_module()
-    written = figures.write_all(tmp_path, FIXTURE)
+    written = figures.write_all(tmp_path, TOY)
+    assert sorted(p.name for p in written) == sorted(p.name for p in (TUTORIAL / "figures").glob("*.svg"))
     for path in written:
         committed = TUTORIAL / "figures" / path.name
         assert path.read_bytes() == committed.read_bytes(), f"{committed} is stale: run python tutorial/figures.py"
+
+
+def test_pipeline_figure_shows_the_shapes_of_a_real_forward():
+    figures = _figures_module()
+    s = figures.pipeline_shapes(TOY)
+    model, tok = tah.load(TOY), tah.load_tokenizer(TOY)
+    ids = torch.tensor([tok.encode(figures.TRACE_ROW)])
+    with torch.no_grad():
+        out = model(ids, "decider")
+    n = int((out.iter_count == 2).sum())
+    assert 0 < n < ids.shape[1] and s["T_d"] == s["active"] == n  # one row: T_d is its actives
+    assert s["logits"] == tuple(out.logits.shape) == (1, ids.shape[1], model.config.vocab_size)
+    svg = (TUTORIAL / "figures" / "pipeline.svg").read_text(encoding="utf-8")
+    for step in ("pass 1", "decider", "hard_first", "soft_token", "pass 2", "add_logit_residual"):
+        assert step in svg, f"the pipeline figure lacks the step {step!r}"
+    assert f"z2 (B, T_d, V) = (1, {n}, {model.config.vocab_size})" in svg
+    assert f"(B, T_d, T + T_d) = (1, {n}, {ids.shape[1] + n})" in svg
+
+
+def test_token_trace_is_the_trained_toy_and_its_legend_is_what_is_drawn():
+    figures = _figures_module()
+    tokens = figures.trace(TOY)
+    answers = [(label, p, right) for label, p, answer, right in tokens if answer]
+    assert len(answers) == 16  # the toy's 16 queries per row
+    two_hop = [figures.TRACE_ROW.split()[11 + 3 * q] == "2:" for q in range(16)]
+    iterated = [p == 2 for _, p, _ in answers]
+    # trained, the decider gives 2-hop answers the second pass and 1-hop answers none
+    assert sum(i for i, h in zip(iterated, two_hop) if h) >= 5 and not any(i for i, h in zip(iterated, two_hop) if not h)
+    assert sum(r for *_, r in answers) >= 14  # and the answers are mostly right
+    svg = (TUTORIAL / "figures" / "token_trace.svg").read_text(encoding="utf-8")
+    assert "official-tiny" not in svg and "random" not in svg
+    drawn_passes = {p for _, p, _, _ in tokens}
+    for p, label in [(1, "1 pass"), (2, "2 passes"), (0, "first token")]:
+        assert (label in svg) == (p in drawn_passes), f"legend entry {label!r} vs what is drawn"
+    marks = {r for *_, r in answers}
+    assert ("right (final argmax)" in svg) == (True in marks)
+    assert ("gets wrong" in svg) == (False in marks)
+    assert svg.count("✗") == (False in marks) + sum(not r for *_, r in answers)
