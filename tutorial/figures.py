@@ -234,8 +234,8 @@ def token_trace_svg(toy: Path = TOY) -> str:
         if key in drawn:
             body.append(text(left, y + 13, label, 12, anchor="start", extra=f' style="fill:{colour}"'))
             y += 22
-    body.append(text(left, y + 12, "tests/fixtures/toy-tah (python train.py, seed 0), its decider at threshold "
-                     f"{tah.load(toy).tah.threshold}. 1: x asks table[x], 2: x table[table[x]]", 11, anchor="start"))
+    body.append(text(left, y + 12, f"toy-tah (python train.py, seed 0), decider threshold {tah.load(toy).tah.threshold}; "
+                     "1: x asks table[x], 2: x table[table[x]]", 11, anchor="start"))
     return svg(width, y + 24, body)
 
 
