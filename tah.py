@@ -219,11 +219,12 @@ class KVCache:
         self.v = [torch.zeros_like(k) for k in self.k]
         self.pos = torch.zeros(batch_size, max_iter * max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_iter * max_len, dtype=torch.bool, device=device)
-        self.depth = torch.arange(max_iter * max_len, device=device)[None] // max_len + 1  # (1, D*S)
+        slot = torch.arange(max_iter * max_len, device=device)[None]  # (1, D*S)
+        self.depth = slot // max_len + 1  # (1, D*S): the depth each slot belongs to
 
     def write_meta(self, depth: int, slots, pos, valid, end: int) -> tuple[torch.Tensor, ...]:
-        """Records positions/validity (B, T_d) of new entries; returns the positions, depths and
-        validity (B, n) of the n = (depth - 1) * max_len + end entries a depth-`depth` query sees."""
+        """Records positions/validity (B, T_d) of new entries; returns the positions, depths
+        and validity (B, n) of the n = (depth - 1) * max_len + end entries a query sees."""
         at = (depth - 1) * self.max_len + slots  # (B, T_d)
         self.pos.scatter_(1, at, pos)
         self.valid.scatter_(1, at, valid)
@@ -480,26 +481,17 @@ class TaH(nn.Module):
                               mode="sum")  # (n, H) for the n = prod(...) tokens
         return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
-    def head_topk(self, hs: list[torch.Tensor], k: int, logits: torch.Tensor | None = None,
-                  lse: bool = False, chunk: int = 256) -> tuple[torch.Tensor | None, ...]:
-        """Top-k values and ids (B, T, k) and, with lse, the logsumexp (B, T) of `logits`
-        (B, T, V) if given, else of lm_head(hs[0]) + lm_head(hs[1]) + ... for hidden states
-        (B, T, H), made `chunk` rows at a time: no (B, T, V) tensor is ever held."""
+    def head_topk(self, h: torch.Tensor, k: int, logits: torch.Tensor | None = None,
+                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k values and ids (B, T, k) of `logits` (B, T, V) if given, else of lm_head(h)
+        for hidden states h (B, T, H), made `chunk` rows at a time: no (B, T, V) tensor."""
         if logits is not None:
-            top = logits.topk(k, dim=-1)
-            return top.values, top.indices, logits.float().logsumexp(-1) if lse else None
-        B, T, H = hs[0].shape
-        flat = [h.reshape(B * T, H) for h in hs]  # (B*T, H)
-        parts = []
-        for s in range(0, B * T, chunk):
-            z = self.lm_head(flat[0][s:s + chunk])  # (chunk, V)
-            for h in flat[1:]:
-                z = z + self.lm_head(h[s:s + chunk])
-            top = z.topk(k, dim=-1)
-            parts.append((top.values, top.indices, z.float().logsumexp(-1) if lse else None))
-        values = torch.cat([p[0] for p in parts]).view(B, T, k)
-        ids = torch.cat([p[1] for p in parts]).view(B, T, k)
-        return values, ids, torch.cat([p[2] for p in parts]).view(B, T) if lse else None
+            return logits.topk(k, dim=-1)
+        B, T, H = h.shape
+        tops = [self.lm_head(rows).topk(k, dim=-1)  # (chunk, V) logits, then only (chunk, k)
+                for rows in h.reshape(B * T, H).split(chunk)]
+        values, ids = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+        return values.view(B, T, k), ids.view(B, T, k)
 
     def _pass(self, x: torch.Tensor, keys: Keys, keep: set[int]):
         """Runs every layer at one depth over the tokens x (B, T_d, H), whose keys, mask and
@@ -524,7 +516,8 @@ class TaH(nn.Module):
         """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
         (False = padding); positions (B, T) default to the count of real tokens before each.
         logits="last" returns only the last position's logits (B, 1, V) and never holds all
-        (B, T, V) of them: the top-k the decider and soft token need come in chunks.
+        (B, T, V) of them: the top-k the decider and soft token need come in chunks (unless
+        trace=True, which reads all of them).
         trace=True adds Output.trace, (B, T[, 5]) tensors: "passes"; "prob" (the decider's
         sigmoid, NaN unless the policy is "decider"); "pass1_ids"/"pass1_probs" and
         "final_ids"/"final_probs", the top 5 of the softmax of z1 and of the final logits;
@@ -559,18 +552,17 @@ class TaH(nn.Module):
         x, kept = self._pass(x, keys.at_depth(1, positions, valid, slots), keep)
         h = kept[L] = self.model.norm(x)  # (B, T, H); index L = the final norm, as the decider says
         hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
-        # all (B, T, V) logits when asked for or when they are one row anyway; later passes than
-        # 2 re-decide on running sums, which are kept whole
-        full = logits == "all" or T == 1 or max_iter > 2
+        # all (B, T, V) logits when asked for, when they are one row anyway, for a trace, or for
+        # a third pass (it re-decides on the running sums z1 + z2, which are then kept whole)
+        full = logits == "all" or T == 1 or trace or max_iter > 2
         final = self.lm_head(h) if full else self.lm_head(h[:, -1:])  # z1 (B, T or 1, V)
         need = [self.tah.decider_topk] * use_decider + [self.tah.input_topk, 5] * trace
         need += [self.tah.input_topk] * (not full and not (named and policy == "standard"))
-        top = self.head_topk([h], max(need), final if full else None, lse=trace) if need else None
+        top = self.head_topk(h, max(need), final if full else None) if need else None
+        lse1 = final.float().logsumexp(-1) if trace else None  # (B, T) before z2 joins
         continue_logit = self.decider(kept, top[0]) if use_decider else None
         iter_count = valid.long()
         active = self._decide(policy, 1, continue_logit, threshold, valid)
-        if trace and not full:  # the final top 5 = pass 1's, except where pass 2 changes it
-            last = [top[0][..., :5].clone(), top[1][..., :5].clone(), top[2].clone()]
 
         # pass 2 (and later): only the hard tokens, gathered, at their own positions
         for depth in range(2, max_iter + 1):
@@ -592,37 +584,28 @@ class TaH(nn.Module):
             else:  # only the last position's z2, if it iterated (one row of z_in per batch row)
                 at_last = ((idx == T - 1) & q_valid)[..., None]  # (B, T_d, 1)
                 final = final + self.lm_head((z_in * at_last).sum(1, keepdim=True))  # (B, 1, V)
-                if trace:  # the final top 5 of the hard tokens, their z1 + z2 in chunks
-                    it = self.head_topk([h[rows, idx], z_in], 5, lse=True)
-                    b, j = rows.expand_as(idx)[q_valid], idx[q_valid]
-                    for mine, theirs in zip(last, it):
-                        mine[b, j] = theirs[q_valid]
             if depth < max_iter:  # who goes on: decided among this depth's tokens, scattered back
                 sub = policy if named else policy.gather(1, idx)
                 c = self.decider({**kept_d, L: h_d}, final[rows, idx]) if use_decider else None
                 go = self._decide(sub, depth, c, threshold, q_valid)
                 active = torch.zeros_like(active).scatter(1, idx, go)
-        out = Output(final, iter_count, continue_logit, hidden)
-        if trace:
-            last = self.head_topk([], 5, final, lse=True) if full else last
-            by_decider = named and policy == "decider"
-            out.trace = self._trace(top, last, iter_count, continue_logit, by_decider)
-        return out
-
-    def _trace(self, top, last, iter_count, continue_logit, by_decider: bool) -> dict:
-        """The numbers behind each token's decision, as TaH.forward(trace=True) lists them."""
-        values, ids, lse = top
-        prob = torch.full(iter_count.shape, float("nan"), device=iter_count.device)
-        if by_decider:
-            prob = torch.sigmoid(continue_logit.float())
-        soft = values[..., :self.tah.input_topk].float().softmax(-1)  # (B, T, input_topk)
-        return {"passes": iter_count, "prob": prob,
-                "pass1_ids": ids[..., :5],
-                "pass1_probs": (values[..., :5].float() - lse[..., None]).exp(),  # softmax
-                "final_ids": last[1],
-                "final_probs": (last[0].float() - last[2][..., None]).exp(),
+        out = Output(final[:, -1:] if logits == "last" else final, iter_count, continue_logit,
+                     hidden)
+        if trace:  # the numbers behind each token's passes, as the docstring lists them
+            values, ids = top
+            prob = torch.full(iter_count.shape, float("nan"), device=iter_count.device)
+            if named and policy == "decider":
+                prob = torch.sigmoid(continue_logit.float())
+            final5 = final.topk(5, dim=-1)
+            soft = values[..., :self.tah.input_topk].float().softmax(-1)  # (B, T, input_topk)
+            out.trace = {
+                "passes": iter_count, "prob": prob, "pass1_ids": ids[..., :5],
+                "pass1_probs": (values[..., :5].float() - lse1[..., None]).exp(),  # softmax
+                "final_ids": final5.indices,
+                "final_probs": (final5.values.float() - final.float().logsumexp(-1, True)).exp(),
                 "soft_ids": ids[..., :5],  # the largest weights belong to the largest logits
                 "soft_weights": soft[..., :5]}
+        return out
 
     def _decide(self, policy, depth, continue_logit, threshold, valid):
         """Which tokens (B, T) get pass depth+1."""
@@ -634,9 +617,11 @@ class TaH(nn.Module):
             return valid.clone()
         t = self.tah.threshold if threshold is None else threshold
         # compare in fp32 with a strict '>', as the authors' decider does
-        return (torch.sigmoid(continue_logit.float()) > torch.tensor(t, dtype=torch.float32)) & valid
+        prob = torch.sigmoid(continue_logit.float())
+        return (prob > torch.tensor(t, dtype=torch.float32)) & valid
 
 
+# ----------------------------------------------------------------------------- loading and saving
 
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # never code
 
@@ -678,7 +663,9 @@ def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -
         with safe_open(str(f), framework="pt", device=str(device)) as st:
             for k in st.keys():
                 t = st.get_tensor(k)
-                out[k.removeprefix(prefix)] = t.to(dtype) if dtype and t.is_floating_point() else t
+                # always a fresh copy: tensors left in the file's buffer make matmuls ~12% slower
+                cast = dtype if dtype and t.is_floating_point() else t.dtype
+                out[k.removeprefix(prefix)] = t.to(cast, copy=True)
     return out
 
 

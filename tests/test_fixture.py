@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import tah
-from conftest import FIXTURE
+from conftest import FIXTURE, close
 
-ATOL = 1e-5
 pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").exists(),
                                 reason=f"fixture not found at {FIXTURE}")
 
@@ -34,11 +33,6 @@ def meta():
 def model():
     return tah.load(FIXTURE)
 
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff} > {atol}"
 
 
 def copy_fixture(dst: Path, skip=()) -> Path:
