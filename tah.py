@@ -560,17 +560,19 @@ class TaH(nn.Module):
         need += [self.tah.input_topk] * (not full and not (named and policy == "standard"))
         top = self.head_topk(h, max(need), final if full else None) if need else None
         lse1 = final.float().logsumexp(-1) if trace else None  # (B, T) before z2 joins
+
+        # decide: the decider (or the policy) picks the hard tokens
         continue_logit = self.decider(kept, top[0]) if use_decider else None
         iter_count = valid.long()
         active = self._decide(policy, 1, continue_logit, threshold, valid)
 
-        # pass 2 (and later): only the hard tokens, gathered, at their own positions
+        # pass 2 (and later): only the hard tokens, packed, as soft tokens at their own positions
         for depth in range(2, max_iter + 1):
             if not active.any():
                 break
             iter_count = iter_count + active.long()
             idx, q_valid = hard_first(active)  # (B, T_d) each
-            if full:
+            if full:  # the soft token: the top-k of the logits so far, mixed over embeddings
                 x = self.soft_token(final[rows, idx])  # (B, T_d, H)
             else:
                 k = self.tah.input_topk
@@ -579,6 +581,7 @@ class TaH(nn.Module):
             x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
             h_d = self.model.norm(x)  # (B, T_d, H)
             z_in = h_d.masked_fill(~q_valid[..., None], 0.0)  # zero at padding: adds nothing
+            # output: the logit residual, final = z1 + z2 at the hard tokens
             if full:
                 add_logit_residual(final, idx, self.lm_head(z_in))  # z_d (B, T_d, V)
             else:  # only the last position's z2, if it iterated (one row of z_in per batch row)
@@ -603,8 +606,8 @@ class TaH(nn.Module):
                 "pass1_probs": (values[..., :5].float() - lse1[..., None]).exp(),  # softmax
                 "final_ids": final5.indices,
                 "final_probs": (final5.values.float() - final.float().logsumexp(-1, True)).exp(),
-                "soft_ids": ids[..., :5],  # the largest weights belong to the largest logits
-                "soft_weights": soft[..., :5]}
+                "soft_weights": soft[..., :5],  # the largest weights: the largest logits
+                "soft_ids": ids[..., :soft[..., :5].shape[-1]]}
         return out
 
     def _decide(self, policy, depth, continue_logit, threshold, valid):
@@ -663,9 +666,7 @@ def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -
         with safe_open(str(f), framework="pt", device=str(device)) as st:
             for k in st.keys():
                 t = st.get_tensor(k)
-                # always a fresh copy: tensors left in the file's buffer make matmuls ~12% slower
-                cast = dtype if dtype and t.is_floating_point() else t.dtype
-                out[k.removeprefix(prefix)] = t.to(cast, copy=True)
+                out[k.removeprefix(prefix)] = t.to(dtype) if dtype and t.is_floating_point() else t
     return out
 
 

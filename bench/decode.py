@@ -12,6 +12,7 @@ by this process's CPU time (steadier when other jobs share the cores), the ratio
 
     python bench/decode.py                          # 0.6b shape, 2 layers, 512 + 128 tokens
     python bench/decode.py --shape mid --prompt-len 16 --new-tokens 256
+    python bench/decode.py --fresh-weights          # our weights copied after loading
     python bench/decode.py --profile                # where our decode spends its time
 """
 import argparse
@@ -80,6 +81,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side, interleaved")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    ap.add_argument("--fresh-weights", action="store_true",
+                    help="copy our weights out of the buffers tah.load read them into")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of one run of ours")
     args = ap.parse_args()
@@ -87,6 +90,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as d:
         hf, ours = build(d, args.seed, args.shape, args.layers)
+    if args.fresh_weights:
+        for weight in ours.parameters():
+            weight.data = weight.data.clone()
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=g)
     n = args.new_tokens
