@@ -491,3 +491,25 @@ def test_decider_initialisation_is_the_authors():
         assert abs(m.weight.std().item() / want - 1) < 0.1 and not m.bias.any()
     bound = 1 / 8 ** 0.5  # the projections keep nn.Linear's default uniform(+-1/sqrt(fan_in))
     assert d.logits_projection.weight.abs().max() <= bound and d.logits_projection.bias.any()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing the layers in backward (train.py turns it on for real models) stores each
+    depth's keys again under the same (layer, depth) in `tah.Keys`: same loss, same gradients."""
+    s = Setup(layers=2, kv_heads=2, groups=2, head_dim=8, hidden=16, vocab=40, tie=True, lora_r=2,
+              input_topk=4, decider_topk=4, decider_layers=(0,), decider_dims=(16,), max_iter=3,
+              seed=3)
+    ids = torch.randint(0, s.vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    passes = oracle((2, 7), 3, seed=1)
+    grads = []
+    for checkpointing in (False, True):
+        m = build(s, decider=False).train()
+        for module in m.modules():  # dropout off: both runs must see the same numbers
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        m.grad_checkpointing = checkpointing
+        m(ids, passes).logits.logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".lora_B." in n for n in grads[0])
+    for name in grads[0]:
+        close(grads[1][name], grads[0][name], atol=1e-5)
