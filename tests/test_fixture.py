@@ -284,3 +284,20 @@ def test_missing_lora_file(tmp_path):
     d = copy_fixture(tmp_path / "ckpt", skip={"lora/adapter_model.safetensors"})
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         tah.load(d)
+
+
+@torch.no_grad()
+def test_prefill_in_pieces_is_one_prefill(model, ref, monkeypatch):
+    """generate prefills long prompts in pieces through the cache; the pieces compute what one
+    forward computes: same tokens, same passes, same trace of the prompt."""
+    prompt = ref["gen_prompt_ids"]
+    whole, pieces = [], []
+    a = list(tah.generate(model, prompt, 6, trace=whole))
+    monkeypatch.setattr(tah, "PREFILL_CHUNK", 3)  # 10 prompt tokens: pieces of 3, 3, 3, 1
+    b = list(tah.generate(model, prompt, 6, trace=pieces))
+    assert all(torch.equal(x, y) for pair in zip(a, b) for x, y in zip(*pair))
+    for name, value in whole[0].items():
+        if name.endswith("_ids") or name == "passes":
+            assert torch.equal(pieces[0][name], value), name
+        else:
+            close(pieces[0][name], value)
