@@ -254,7 +254,7 @@ class Keys:
     def __init__(self, config: Qwen3Config, cache: KVCache | None, end: int):
         self.config, self.cache, self.end = config, cache, end  # end: one past the newest slot
         self.kv: dict[tuple[int, int], tuple] = {}  # without a cache: (layer, depth) -> (k, v)
-        self.meta: dict[int, tuple] = {}  # without a cache: depth -> (positions, valid) (B, T_d)
+        self.meta: dict[int, tuple] = {}  # without a cache: depth -> (pos, depth, valid) (B, T_d)
         self.depth, self.slots, self.rope, self.mask = 0, None, None, None  # set by at_depth
 
     def at_depth(self, depth: int, pos, valid, slots) -> "Keys":
@@ -265,12 +265,10 @@ class Keys:
         view.rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
         if self.cache is not None:
             k_pos, k_depth, k_valid = self.cache.write_meta(depth, slots, pos, valid, self.end)
-        else:  # depth-major, like the keys in `update`
-            self.meta[depth] = (pos, valid)
-            k_pos = torch.cat([self.meta[e][0] for e in range(1, depth + 1)], 1)  # (B, S)
-            k_depth = torch.cat([torch.full_like(self.meta[e][0], e)
-                                 for e in range(1, depth + 1)], 1)  # (B, S)
-            k_valid = torch.cat([self.meta[e][1] for e in range(1, depth + 1)], 1)  # (B, S)
+        else:  # depth-major, like the keys in `update`: (B, S) each
+            self.meta[depth] = (pos, torch.full_like(pos, depth), valid)
+            lower = zip(*(self.meta[e] for e in range(1, depth + 1)))
+            k_pos, k_depth, k_valid = (torch.cat(parts, 1) for parts in lower)
         mask = duo_causal_mask(pos[:, :, None], depth, k_pos[:, None], k_depth[:, None])
         view.mask = (mask & k_valid[:, None]) | ~valid[:, :, None]  # (B, T_d, S); padding
         return view  # queries may see anything (their rows are never used), so no row is empty
