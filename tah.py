@@ -15,21 +15,21 @@ Qwen3 facts used below: pre-norm RMSNorm, RMSNorm on every query/key head (q_nor
 rotary embeddings on split halves, grouped-query attention, SwiGLU MLP, optional tied embeddings.
 
 Sections, in reading order (one tutorial chapter each):
-  config | norms and RoPE | duo-causal attention | decoder layer and LoRA | the TaH model |
-  decider | loading and saving | tokenizer and chat format | generation
+  config | building blocks: RMSNorm, RoPE, LoRA, MLP | duo-causal attention and the KV cache |
+  decoder layer | decider | the TaH model | loading and saving | tokenizer and chat format |
+  generation
 
-Dimensions: B batch, T tokens, S cache slots, N query heads, G key/value heads, K head_dim,
-H hidden size, V vocab, L layers, d depth (pass number, 1-based).
+Dimensions: B batch, T tokens, T_d tokens at depth d, S key slots, N query heads, G key/value
+heads, K head_dim, H hidden size, V vocab, L layers, d depth (pass number, 1-based).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -101,19 +101,19 @@ class TaHConfig:
     """The TaH knobs. lora_r = 0 means no LoRA; decider_layers = None means no decider."""
 
     max_iter: int = 2  # passes a token may get; 2 in every published recipe
-    input_topk: int = 100  # top-k logits mixed into the soft token of the next pass
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.1
+    input_topk: int = 100  # pass-1 logits mixed into the soft token of the next pass
+    lora_r: int = 16  # rank of the adapter that pass 2 adds to every linear (0: none)
+    lora_alpha: float = 32  # the adapter's output is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.1  # dropout on the adapter's input, in training only
     decider_layers: list[int] | None = None  # hidden-state indices: 0 = embeddings, k = layer k
-    decider_topk: int = 100
-    decider_dims: list[int] = field(default_factory=lambda: [256] * 6)
-    decider_expansion: int = 4
-    decider_dropout: float = 0.1
+    decider_topk: int = 100  # top-k pass-1 logit values the decider reads, sorted descending
+    decider_dims: list[int] = field(default_factory=lambda: [256] * 6)  # width of each block
+    decider_expansion: int = 4  # the hidden width of a block's MLP, as a multiple of its width
+    decider_dropout: float = 0.1  # dropout inside the decider's blocks, in training only
     threshold: float = 0.9  # iterate iff sigmoid(decider logit) > threshold
 
 
-# ----------------------------------------------------------------------------- norms and RoPE
+# ----------------------------------------------------------------------------- building blocks
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +129,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
     """cos and sin (B, T, K) in fp32 for integer positions (B, T)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
     angles = pos[..., None].float() * inv_freq  # (B, T, K/2)
@@ -138,10 +138,49 @@ def rope_tables(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates (B, heads, T, K) by the angles of its positions; pairs are (i, i + K/2)."""
+    """Rotates (B, heads, T, K) by the angles of its positions; pairs are (i, i + K/2).
+    Why split halves and not neighbours (2i, 2i + 1): Qwen3's checkpoints were trained with this
+    pairing, and the rotation is then two whole-tensor multiplies, no interleaving."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, K)
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, K/2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class LoRALinear(nn.Module):
+    """A bias-free Linear with an optional low-rank adapter that only pass 2 and later use:
+    y = x W^T + (alpha / r) * B(A(dropout(x))). Keys: `weight`, `lora_A.weight`, `lora_B.weight`."""
+
+    def __init__(self, n_in: int, n_out: int, tah: TaHConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.lora_A = self.lora_B = None
+        if tah.lora_r > 0:
+            self.lora_A = nn.Linear(n_in, tah.lora_r, bias=False)
+            self.lora_B = nn.Linear(tah.lora_r, n_out, bias=False)
+            self.dropout = nn.Dropout(tah.lora_dropout)
+            self.scale = tah.lora_alpha / tah.lora_r
+
+    def reset_lora(self) -> None:
+        """PEFT's initialisation: A random, B zero, so a new adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if lora and self.lora_A is not None:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen3Config, tah: TaHConfig):
+        super().__init__()
+        self.gate_proj = LoRALinear(config.hidden_size, config.intermediate_size, tah)
+        self.up_proj = LoRALinear(config.hidden_size, config.intermediate_size, tah)
+        self.down_proj = LoRALinear(config.intermediate_size, config.hidden_size, tah)
+
+    def forward(self, x: torch.Tensor, lora: bool) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
 # ----------------------------------------------------------------------------- duo-causal attention
@@ -163,286 +202,134 @@ def attention_reference(q, k, v, mask):
     return scores.softmax(dim=-1) @ v
 
 
+class KVCache:
+    """Keys and values of every layer and depth for generation, written at explicit slots.
+    Slot s of depth d lives at index (d - 1) * max_len + s (depth-major), so everything a query
+    of depth d may see (the lower depths whole, its own depth up to the newest slot) is one view:
+    nothing is copied per step. `valid` (B, max_iter * max_len) marks the entries that exist."""
+
+    def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
+        config, max_iter = model.config, model.tah.max_iter
+        weight = model.model.embed_tokens.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        self.max_len = max_len
+        shape = (batch_size, config.num_key_value_heads, max_iter * max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]  # per layer (B, G, D*S, K)
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.pos = torch.zeros(batch_size, max_iter * max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_iter * max_len, dtype=torch.bool, device=device)
+        slot = torch.arange(max_iter * max_len, device=device)[None]  # (1, D*S)
+        self.depth = slot // max_len + 1  # (1, D*S): the depth each slot belongs to
+
+    def write_meta(self, depth: int, slots, pos, valid, end: int) -> tuple[torch.Tensor, ...]:
+        """Records positions/validity (B, T_d) of new entries; returns the positions, depths
+        and validity (B, n) of the n = (depth - 1) * max_len + end entries a query sees."""
+        at = (depth - 1) * self.max_len + slots  # (B, T_d)
+        self.pos.scatter_(1, at, pos)
+        self.valid.scatter_(1, at, valid)
+        n = (depth - 1) * self.max_len + end
+        return self.pos[:, :n], self.depth[:, :n], self.valid[:, :n]
+
+    def write(self, layer: int, depth: int, slots, k, v, end: int) -> tuple[torch.Tensor, ...]:
+        """Stores new keys/values (B, G, T_d, K) at their slots; returns (B, G, n, K) views."""
+        at = ((depth - 1) * self.max_len + slots)[:, None, :, None].expand_as(k)  # (B, G, T_d, K)
+        self.k[layer].scatter_(2, at, k)
+        self.v[layer].scatter_(2, at, v)
+        n = (depth - 1) * self.max_len + end
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only the batch rows `rows` (B,) bool, e.g. those still generating."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.pos, self.valid = self.pos[rows], self.valid[rows]
+
+
+class Keys:
+    """The keys of one forward, owned in one place: for every layer and depth, their k/v, and
+    per depth their positions, depths and validity. Decoding keeps them in a KVCache (written at
+    slots, read as views); a forward without a cache keeps each depth's packed tokens.
+    `at_depth` gives the queries of one depth their view: `rope` tables, `mask` and `update`."""
+
+    def __init__(self, config: Qwen3Config, cache: KVCache | None, end: int):
+        self.config, self.cache, self.end = config, cache, end  # end: one past the newest slot
+        self.kv: dict[tuple[int, int], tuple] = {}  # without a cache: (layer, depth) -> (k, v)
+        self.meta: dict[int, tuple] = {}  # without a cache: depth -> (pos, depth, valid) (B, T_d)
+        self.depth, self.slots, self.rope, self.mask = 0, None, None, None  # set by at_depth
+
+    def at_depth(self, depth: int, pos, valid, slots) -> "Keys":
+        """The view of the queries at `depth` with positions, validity and slots (B, T_d):
+        records them as keys, and computes their RoPE tables and their mask (B, T_d, S)."""
+        view = copy.copy(self)  # shares the k/v and the records above
+        view.depth, view.slots = depth, slots
+        view.rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
+        if self.cache is not None:
+            k_pos, k_depth, k_valid = self.cache.write_meta(depth, slots, pos, valid, self.end)
+        else:  # depth-major, like the keys in `update`: (B, S) each
+            self.meta[depth] = (pos, torch.full_like(pos, depth), valid)
+            lower = zip(*(self.meta[e] for e in range(1, depth + 1)))
+            k_pos, k_depth, k_valid = (torch.cat(parts, 1) for parts in lower)
+        mask = duo_causal_mask(pos[:, :, None], depth, k_pos[:, None], k_depth[:, None])
+        view.mask = (mask & k_valid[:, None]) | ~valid[:, :, None]  # (B, T_d, S); padding
+        return view  # queries may see anything (their rows are never used), so no row is empty
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Stores this depth's keys/values (B, G, T_d, K) of `layer`; returns every key and value
+        (B, G, S, K) its queries may see, lowest depth first, in the order of the mask's keys."""
+        if self.cache is not None:
+            return self.cache.write(layer, self.depth, self.slots, k, v, self.end)
+        self.kv[layer, self.depth] = (k, v)
+        if self.depth == 1:
+            return k, v
+        # depth-major concatenation: pass 2 reads all pass-1 keys and the packed pass-2 keys;
+        # one tensor keeps attention one SDPA call, and training needs no slots for absent keys
+        kv = [self.kv[layer, e] for e in range(1, self.depth + 1)]
+        return torch.cat([k for k, _ in kv], 2), torch.cat([v for _, v in kv], 2)
+
+
 class Attention(nn.Module):
-    def __init__(self, c: Qwen3Config, t: TaHConfig):
+    def __init__(self, config: Qwen3Config, tah: TaHConfig, layer_idx: int):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        self.q_proj = LoRALinear(c.hidden_size, q_dim, t)
-        self.k_proj = LoRALinear(c.hidden_size, kv_dim, t)
-        self.v_proj = LoRALinear(c.hidden_size, kv_dim, t)
-        self.o_proj = LoRALinear(q_dim, c.hidden_size, t)
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.layer_idx = layer_idx  # where this layer's keys live in `Keys`
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = LoRALinear(config.hidden_size, q_dim, tah)
+        self.k_proj = LoRALinear(config.hidden_size, kv_dim, tah)
+        self.v_proj = LoRALinear(config.hidden_size, kv_dim, tah)
+        self.o_proj = LoRALinear(q_dim, config.hidden_size, tah)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, past, write, lora):
-        """x (B, T, H); mask (B, T, S_all); past: [(k, v)] of the lower depths of this layer;
-        write(k, v) stores this depth's keys (in a cache) and returns all keys of this depth."""
+    def forward(self, x: torch.Tensor, keys: Keys, lora: bool) -> torch.Tensor:
+        """x (B, T, H) at one depth; `keys` is that depth's view (rope, mask, update)."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x, lora).view(B, T, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x, lora).view(B, T, self.n_kv, self.head_dim))
-        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)
+        q = self.q_norm(self.q_proj(x, lora).view(B, T, self.n_heads, self.head_dim))  # (B,T,N,K)
+        k = self.k_norm(self.k_proj(x, lora).view(B, T, self.n_kv, self.head_dim))  # (B,T,G,K)
+        v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)  # (B, T, G, K)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, K)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = write(k, v)
-        k_all = torch.cat([pk for pk, _ in past] + [k], dim=2) if past else k  # (B, G, S_all, K)
-        v_all = torch.cat([pv for _, pv in past] + [v], dim=2) if past else v  # depth-major
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], enable_gqa=True)
+        q, k = apply_rope(q, *keys.rope), apply_rope(k, *keys.rope)
+        k, v = keys.update(self.layer_idx, k, v)  # (B, G, S, K): every key this depth may see
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.mask[:, None],
+                                           enable_gqa=True)  # mask (B, 1, T, S)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, N*K)
-        return self.o_proj(y, lora), (k, v)
+        return self.o_proj(y, lora)
 
 
-# ----------------------------------------------------------------------------- decoder layer and LoRA
-
-
-class LoRALinear(nn.Module):
-    """A bias-free Linear with an optional low-rank adapter that only pass 2 and later use:
-    y = x W^T + (alpha / r) * B(A(dropout(x))). Keys: `weight`, `lora_A.weight`, `lora_B.weight`."""
-
-    def __init__(self, n_in: int, n_out: int, t: TaHConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_out, n_in))
-        self.lora_A = self.lora_B = None
-        if t.lora_r > 0:
-            self.lora_A = nn.Linear(n_in, t.lora_r, bias=False)
-            self.lora_B = nn.Linear(t.lora_r, n_out, bias=False)
-            self.dropout = nn.Dropout(t.lora_dropout)
-            self.scale = t.lora_alpha / t.lora_r
-
-    def reset_lora(self) -> None:
-        """PEFT's initialisation: A random, B zero, so a new adapter starts as a no-op."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if lora and self.lora_A is not None:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
-        return y
-
-
-class MLP(nn.Module):
-    def __init__(self, c: Qwen3Config, t: TaHConfig):
-        super().__init__()
-        self.gate_proj = LoRALinear(c.hidden_size, c.intermediate_size, t)
-        self.up_proj = LoRALinear(c.hidden_size, c.intermediate_size, t)
-        self.down_proj = LoRALinear(c.intermediate_size, c.hidden_size, t)
-
-    def forward(self, x, lora):
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+# ----------------------------------------------------------------------------- decoder layer
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: Qwen3Config, t: TaHConfig):
+    def __init__(self, config: Qwen3Config, tah: TaHConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, t)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c, t)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, tah, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, tah)
 
-    def forward(self, x, rope, mask, past, write, lora):
-        a, kv = self.self_attn(self.input_layernorm(x), rope, mask, past, write, lora)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x), lora), kv
-
-
-# ----------------------------------------------------------------------------- the TaH model
-
-
-class KVCache:
-    """Keys and values of every (layer, depth), written at explicit slots: slot s holds sequence
-    index s at every depth, and `valid` marks which (slot, depth) entries really exist."""
-
-    def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
-        c, D = model.config, model.tah.max_iter
-        p = model.model.embed_tokens.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(D)]
-                  for _ in range(c.num_hidden_layers)]
-        self.v = [[torch.zeros_like(k) for k in per_depth] for per_depth in self.k]
-        self.pos = torch.zeros(D, batch_size, max_len, dtype=torch.long, device=device)
-        self.valid = torch.zeros(D, batch_size, max_len, dtype=torch.bool, device=device)
-
-    def write_meta(self, depth, slots, pos, valid, end):
-        """Records positions/validity of new entries (B, T_d); returns depth's (B, end) views."""
-        self.pos[depth - 1].scatter_(1, slots, pos)
-        self.valid[depth - 1].scatter_(1, slots, valid)
-        return self.pos[depth - 1, :, :end], self.valid[depth - 1, :, :end]
-
-    def write(self, layer, depth, slots, k, v, end):
-        """Stores new keys/values (B, G, T_d, K) at their slots; returns (B, G, end, K) views."""
-        idx = slots[:, None, :, None].expand_as(k)
-        self.k[layer][depth - 1].scatter_(2, idx, k)
-        self.v[layer][depth - 1].scatter_(2, idx, v)
-        return self.k[layer][depth - 1][:, :, :end], self.v[layer][depth - 1][:, :, :end]
-
-
-@dataclass
-class Output:
-    logits: torch.Tensor  # (B, T, V) final logits: z1, or z1 + z2 (+ ...) where a token iterated
-    iter_count: torch.Tensor  # (B, T) passes each token got
-    continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
-    hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, final norm]
-
-
-def hard_first(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chooses and packs the hard tokens: for active (B, T) returns idx (B, T_d), the positions
-    of each row's active tokens first (in order; a stable sort), T_d = the most actives in any
-    row, and q_valid (B, T_d), False where a row with fewer actives is padded with inactives."""
-    n = int(active.sum(1).max())
-    idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
-    return idx, active.gather(1, idx)
-
-
-def add_logit_residual(logits: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> None:
-    """The logit residual: logits[b, idx[b, j]] += z[b, j] for logits (B, T, V), idx (B, T_d),
-    z (B, T_d, V) (zero at padding). In place: no op of the graph saved these logits (top-k and
-    indexing keep only indices). Rows of the flat (B*T, V) view are b*T + t."""
-    B, T, V = logits.shape
-    rows = torch.arange(B, device=idx.device)[:, None] * T  # (B, 1)
-    logits.view(B * T, V).index_add_(0, (idx + rows).flatten(), z.flatten(0, 1))
-
-
-class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
-    def __init__(self, c: Qwen3Config, t: TaHConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, t) for _ in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-
-
-class TaH(nn.Module):
-    """Qwen3 with selective latent iterations. `policy` chooses who iterates: "decider",
-    "standard" (nobody: exactly Qwen3), "always" (everybody), or a (B, T) integer tensor of
-    passes per token (the oracle labels used in training). None (the default) means "decider"
-    for a model that has one and "standard" for a plain Qwen3."""
-
-    def __init__(self, config: Qwen3Config, tah: TaHConfig | None = None):
-        super().__init__()
-        self.config, self.tah = config, tah or TaHConfig(lora_r=0)
-        self.model = TaHModel(config, self.tah)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.decider = Decider(config, self.tah) if self.tah.decider_layers is not None else None
-        self.grad_checkpointing = False  # recompute layers in backward (set by train.py)
-        self.init_weights()
-
-    def init_weights(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, LoRALinear)):
-                nn.init.normal_(m.weight, std=std)
-        for m in self.modules():  # after the loop above, which also visits lora_A and lora_B
-            if isinstance(m, LoRALinear) and m.lora_A is not None:
-                m.reset_lora()
-        if self.decider is not None:
-            self.decider.reset_parameters()
-
-    def soft_token(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next pass's input (..., H): a softmax over the top-k logits mixing the matching
-        embedding rows. It REPLACES the token's embedding; only top-k selection is not smooth."""
-        top, idx = logits.topk(self.tah.input_topk, dim=-1)  # (..., k)
-        E = self.model.embed_tokens.weight
-        w = top.float().softmax(dim=-1).to(E.dtype)
-        # sum_k w_k * E[idx_k], without materialising the (..., k, H) rows
-        k = idx.shape[-1]
-        mix = F.embedding_bag(idx.reshape(-1, k), E, per_sample_weights=w.reshape(-1, k), mode="sum")
-        return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
-
-    def _pass(self, x, pos, valid, slots, depth, cache, end, past, meta, keep):
-        """Runs all layers at one depth over the tokens x (B, T_d, H). Returns the final hidden
-        state and the hidden states listed in `keep` (0 = input, k = output of layer k)."""
-        m = cache.write_meta(depth, slots, pos, valid, end) if cache else (pos, valid)
-        meta.append(m)
-        k_pos = torch.cat([p for p, _ in meta], 1)  # (B, S_all), depth-major like the keys
-        k_depth = torch.cat([torch.full_like(p, e + 1) for e, (p, _) in enumerate(meta)], 1)
-        k_valid = torch.cat([v for _, v in meta], 1)
-        mask = duo_causal_mask(pos[:, :, None], depth, k_pos[:, None], k_depth[:, None])
-        mask = (mask & k_valid[:, None]) | ~valid[:, :, None]  # padding queries: anything, no NaN
-        rope = rope_tables(pos, self.config.head_dim, self.config.rope_theta)
-        kept = {0: x} if 0 in keep else {}
-        for i, layer in enumerate(self.model.layers):
-            # store this depth's keys in the cache (and see all its slots), or just pass them on
-            write = partial(cache.write, i, depth, slots, end=end) if cache else (lambda k, v: (k, v))
-            args = (x, rope, mask, past[i], write, depth > 1)
-            if self.grad_checkpointing and self.training:
-                x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
-            else:
-                x, kv = layer(*args)
-            past[i] = past[i] + [kv]
-            if i + 1 in keep:
-                kept[i + 1] = x
-        return x, kept
-
-    def forward(self, input_ids: torch.Tensor, policy: str | torch.Tensor | None = None, *,
-                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int = 0, threshold: float | None = None,
-                output_hidden_states: bool = False) -> Output:
-        """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
-        (False = padding); positions (B, T) default to the count of real tokens before each."""
-        B, T = input_ids.shape
-        L, D = self.config.num_hidden_layers, self.tah.max_iter
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
-        if positions is None:
-            positions = start + (valid.cumsum(1) - 1).clamp(min=0)
-        if policy is None:
-            policy = "standard" if self.decider is None else "decider"
-        if isinstance(policy, str) and policy not in ("decider", "standard", "always"):
-            raise ValueError(f"policy must be 'decider', 'standard', 'always' or a tensor, not {policy!r}")
-        if policy == "decider" and self.decider is None:
-            raise ValueError("policy 'decider' needs a model with a decider; this one has none "
-                             "(use policy='standard' or 'always', or load a TaH checkpoint)")
-        use_decider = isinstance(policy, str) and self.decider is not None
-        keep = set(range(L + 1)) if output_hidden_states else set()
-        if use_decider:
-            keep |= set(self.tah.decider_layers)
-        slots = start + torch.arange(T, device=input_ids.device).expand(B, T)
-        end, past, meta = start + T, [[] for _ in range(L)], []
-
-        # pass 1: the plain Qwen3 over every token, LoRA off
-        x, kept = self._pass(self.model.embed_tokens(input_ids), positions, valid, slots, 1,
-                             cache, end, past, meta, keep)
-        h = self.model.norm(x)
-        logits = self.lm_head(h)  # z1 (B, T, V)
-        kept[L] = h  # index L is the final norm's output, as the decider numbers them
-        hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
-        continue_logit = self.decider(kept, logits) if use_decider else None
-        iter_count = valid.long()
-        active = self._decide(policy, 1, continue_logit, threshold, valid)
-
-        # pass 2 (and later): only the active tokens, gathered, at their own positions
-        for depth in range(2, D + 1):
-            if not active.any():
-                break
-            iter_count = iter_count + active.long()
-            idx, q_valid = hard_first(active)  # (B, T_d) each
-            rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
-            x = self.soft_token(logits[rows, idx])  # (B, T_d, H)
-            x, kept_d = self._pass(x, positions.gather(1, idx), q_valid, slots.gather(1, idx),
-                                   depth, cache, end, past, meta, keep if depth < D else set())
-            h = self.model.norm(x)
-            z = self.lm_head(h.masked_fill(~q_valid[..., None], 0.0))  # z_d (B, T_d, V), 0 if padding
-            add_logit_residual(logits, idx, z)
-            if depth < D:  # who goes on: decided among this depth's tokens, scattered back
-                sub = policy.gather(1, idx) if isinstance(policy, torch.Tensor) else policy
-                c = self.decider({**kept_d, L: h}, logits[rows, idx]) if use_decider else None
-                go = self._decide(sub, depth, c, threshold, q_valid)
-                active = torch.zeros_like(active).scatter(1, idx, go)
-        return Output(logits, iter_count, continue_logit, hidden)
-
-    def _decide(self, policy, depth, continue_logit, threshold, valid):
-        """Which tokens (B, T) get pass depth+1."""
-        if isinstance(policy, torch.Tensor):
-            return (policy > depth) & valid
-        if policy == "standard":
-            return torch.zeros_like(valid)
-        if policy == "always":
-            return valid.clone()
-        t = self.tah.threshold if threshold is None else threshold
-        # compare in fp32 with a strict '>', as the authors' decider does
-        return (torch.sigmoid(continue_logit.float()) > torch.tensor(t, dtype=torch.float32)) & valid
+    def forward(self, x: torch.Tensor, keys: Keys, lora: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), keys, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 # ----------------------------------------------------------------------------- decider
@@ -481,12 +368,14 @@ class Decider(nn.Module):
     """Reads pass-1 features of each token and returns the logit of "think again": the hidden
     states at `decider_layers` concatenated with a projection of the top-k logit values."""
 
-    def __init__(self, c: Qwen3Config, t: TaHConfig):
+    def __init__(self, config: Qwen3Config, tah: TaHConfig):
         super().__init__()
-        self.layers, self.topk = list(t.decider_layers), t.decider_topk
-        self.logits_projection = nn.Linear(t.decider_topk, c.hidden_size)
-        self.combined_projection = nn.Linear((len(self.layers) + 1) * c.hidden_size, t.decider_dims[0])
-        self.backbone = DeciderBackbone(list(t.decider_dims), t.decider_expansion, t.decider_dropout)
+        self.layers, self.topk = list(tah.decider_layers), tah.decider_topk
+        self.logits_projection = nn.Linear(tah.decider_topk, config.hidden_size)
+        n_in = (len(self.layers) + 1) * config.hidden_size
+        self.combined_projection = nn.Linear(n_in, tah.decider_dims[0])
+        self.backbone = DeciderBackbone(list(tah.decider_dims), tah.decider_expansion,
+                                        tah.decider_dropout)
 
     def reset_parameters(self) -> None:
         """As the authors initialise it: every Linear of the backbone Kaiming-normal with zero
@@ -500,12 +389,237 @@ class Decider(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, hidden: dict[int, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-        """hidden: index -> (B, T, H); logits (B, T, V) -> continue logit (B, T)."""
+        """hidden: index -> (B, T, H); logits (B, T, V), or their top values (B, T, >= k) sorted
+        descending (what a forward that never holds all logits passes) -> continue logit (B, T)."""
         dtype = self.combined_projection.weight.dtype  # the decider stays in fp32
         top = logits.topk(self.topk, dim=-1).values.to(dtype)  # (B, T, k), sorted descending
         feats = [hidden[i].to(dtype) for i in self.layers] + [self.logits_projection(top)]
         x = self.combined_projection(torch.cat(feats, dim=-1))  # (B, T, D0)
         return self.backbone(x).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- the TaH model
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, T, V) final logits: z1, or z1 + z2 (+ ...) where a token iterated
+    iter_count: torch.Tensor  # (B, T) passes each token got
+    continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
+    hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, norm]
+    trace: dict[str, torch.Tensor] | None = None  # with trace=True: see TaH.forward
+
+
+def hard_first(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chooses and packs the hard tokens: for active (B, T) returns idx (B, T_d), the positions
+    of each row's active tokens first (in order; a stable sort), T_d = the most actives in any
+    row, and q_valid (B, T_d), False where a row with fewer actives is padded with inactives."""
+    n = int(active.sum(1).max())
+    idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
+    return idx, active.gather(1, idx)
+
+
+def add_logit_residual(logits: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> None:
+    """The logit residual: logits[b, idx[b, j]] += z[b, j] for logits (B, T, V), idx (B, T_d),
+    z (B, T_d, V) (zero at padding). In place: no op of the graph saved these logits (top-k and
+    indexing keep only indices). Rows of the flat (B*T, V) view are b*T + t."""
+    B, T, V = logits.shape
+    rows = torch.arange(B, device=idx.device)[:, None] * T  # (B, 1)
+    logits.view(B * T, V).index_add_(0, (idx + rows).flatten(), z.flatten(0, 1))
+
+
+class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
+    def __init__(self, config: Qwen3Config, tah: TaHConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, tah, i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class TaH(nn.Module):
+    """Qwen3 with selective latent iterations. `policy` chooses who iterates: "decider",
+    "standard" (nobody: exactly Qwen3), "always" (everybody), or a (B, T) integer tensor of
+    passes per token (the oracle labels used in training). None (the default) means "decider"
+    for a model that has one and "standard" for a plain Qwen3."""
+
+    def __init__(self, config: Qwen3Config, tah: TaHConfig | None = None):
+        super().__init__()
+        self.config, self.tah = config, tah or TaHConfig(lora_r=0)
+        self.model = TaHModel(config, self.tah)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.decider = Decider(config, self.tah) if self.tah.decider_layers is not None else None
+        self.grad_checkpointing = False  # recompute layers in backward (set by train.py)
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, LoRALinear)):
+                nn.init.normal_(m.weight, std=std)
+        for m in self.modules():  # after the loop above, which also visits lora_A and lora_B
+            if isinstance(m, LoRALinear) and m.lora_A is not None:
+                m.reset_lora()
+        if self.decider is not None:
+            self.decider.reset_parameters()
+
+    def soft_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next pass's input (..., H) from logits (..., V): a softmax over the top-k logits
+        mixing the matching embedding rows. It REPLACES the token's embedding."""
+        return self.mix_embeddings(*logits.topk(self.tah.input_topk, dim=-1))
+
+    def mix_embeddings(self, top: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """sum_k softmax(top)_k * E[idx_k] for the top-k values and ids (..., k), without
+        materialising the (..., k, H) rows; only the top-k selection is not smooth."""
+        E = self.model.embed_tokens.weight
+        w = top.float().softmax(dim=-1).to(E.dtype)  # (..., k)
+        k = idx.shape[-1]
+        mix = F.embedding_bag(idx.reshape(-1, k), E, per_sample_weights=w.reshape(-1, k),
+                              mode="sum")  # (n, H) for the n = prod(...) tokens
+        return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
+
+    def head_topk(self, h: torch.Tensor, k: int, logits: torch.Tensor | None = None,
+                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k values and ids (B, T, k) of `logits` (B, T, V) if given, else of lm_head(h)
+        for hidden states h (B, T, H), made `chunk` rows at a time: no (B, T, V) tensor."""
+        if logits is not None:
+            return logits.topk(k, dim=-1)
+        B, T, H = h.shape
+        tops = [self.lm_head(rows).topk(k, dim=-1)  # (chunk, V) logits, then only (chunk, k)
+                for rows in h.reshape(B * T, H).split(chunk)]
+        values, ids = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+        return values.view(B, T, k), ids.view(B, T, k)
+
+    def _pass(self, x: torch.Tensor, keys: Keys, keep: set[int]):
+        """Runs every layer at one depth over the tokens x (B, T_d, H), whose keys, mask and
+        RoPE are the view `keys`. Returns the last layer's output and the hidden states listed
+        in `keep` (0 = input, k = output of layer k)."""
+        lora = keys.depth > 1  # the adapter belongs to pass 2 and later
+        kept = {0: x} if 0 in keep else {}
+        for i, layer in enumerate(self.model.layers):
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, keys, lora, use_reentrant=False)
+            else:
+                x = layer(x, keys, lora)
+            if i + 1 in keep:
+                kept[i + 1] = x
+        return x, kept
+
+    def forward(self, input_ids: torch.Tensor, policy: str | torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0, threshold: float | None = None,
+                output_hidden_states: bool = False, logits: str = "all",
+                trace: bool = False) -> Output:
+        """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
+        (False = padding); positions (B, T) default to the count of real tokens before each.
+        logits="last" returns only the last position's logits (B, 1, V) and never holds all
+        (B, T, V) of them: the top-k the decider and soft token need come in chunks (unless
+        trace=True, which reads all of them).
+        trace=True adds Output.trace, (B, T[, 5]) tensors: "passes"; "prob" (the decider's
+        sigmoid, NaN unless the policy is "decider"); "pass1_ids"/"pass1_probs" and
+        "final_ids"/"final_probs", the top 5 of the softmax of z1 and of the final logits;
+        "soft_ids"/"soft_weights", the soft token's 5 largest mixture weights."""
+        B, T = input_ids.shape
+        L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        if positions is None:
+            positions = start + (valid.cumsum(1) - 1).clamp(min=0)
+        if policy is None:
+            policy = "standard" if self.decider is None else "decider"
+        named = isinstance(policy, str)
+        if named and policy not in ("decider", "standard", "always"):
+            raise ValueError(f"policy must be 'decider', 'standard', 'always' or a tensor, "
+                             f"not {policy!r}")
+        if named and policy == "decider" and self.decider is None:
+            raise ValueError("policy 'decider' needs a model with a decider; this one has none "
+                             "(use policy='standard' or 'always', or load a TaH checkpoint)")
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
+        use_decider = named and self.decider is not None
+        keep = set(range(L + 1)) if output_hidden_states else set()
+        if use_decider:
+            keep |= set(self.tah.decider_layers)
+        slots = start + torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        keys = Keys(self.config, cache, end=start + T)
+        rows = torch.arange(B, device=input_ids.device)[:, None]  # (B, 1), to gather with idx
+
+        # pass 1: the plain Qwen3 over every token, LoRA off
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        x, kept = self._pass(x, keys.at_depth(1, positions, valid, slots), keep)
+        h = kept[L] = self.model.norm(x)  # (B, T, H); index L = the final norm, as the decider says
+        hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
+        # all (B, T, V) logits when asked for, when they are one row anyway, for a trace, or for
+        # a third pass (it re-decides on the running sums z1 + z2, which are then kept whole)
+        full = logits == "all" or T == 1 or trace or max_iter > 2
+        final = self.lm_head(h) if full else self.lm_head(h[:, -1:])  # z1 (B, T or 1, V)
+        need = [self.tah.decider_topk] * use_decider + [self.tah.input_topk, 5] * trace
+        need += [self.tah.input_topk] * (not full and not (named and policy == "standard"))
+        top = self.head_topk(h, max(need), final if full else None) if need else None
+        lse1 = final.float().logsumexp(-1) if trace else None  # (B, T) before z2 joins
+
+        # decide: the decider (or the policy) picks the hard tokens
+        continue_logit = self.decider(kept, top[0]) if use_decider else None
+        iter_count = valid.long()
+        active = self._decide(policy, 1, continue_logit, threshold, valid)
+
+        # pass 2 (and later): only the hard tokens, packed, as soft tokens at their own positions
+        for depth in range(2, max_iter + 1):
+            if not active.any():
+                break
+            iter_count = iter_count + active.long()
+            idx, q_valid = hard_first(active)  # (B, T_d) each
+            if full:  # the soft token: the top-k of the logits so far, mixed over embeddings
+                x = self.soft_token(final[rows, idx])  # (B, T_d, H)
+            else:
+                k = self.tah.input_topk
+                x = self.mix_embeddings(top[0][rows, idx, :k], top[1][rows, idx, :k])
+            view = keys.at_depth(depth, positions[rows, idx], q_valid, slots[rows, idx])
+            x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
+            h_d = self.model.norm(x)  # (B, T_d, H)
+            z_in = h_d.masked_fill(~q_valid[..., None], 0.0)  # zero at padding: adds nothing
+            # output: the logit residual, final = z1 + z2 at the hard tokens
+            if full:
+                add_logit_residual(final, idx, self.lm_head(z_in))  # z_d (B, T_d, V)
+            else:  # only the last position's z2, if it iterated (one row of z_in per batch row)
+                at_last = ((idx == T - 1) & q_valid)[..., None]  # (B, T_d, 1)
+                final = final + self.lm_head((z_in * at_last).sum(1, keepdim=True))  # (B, 1, V)
+            if depth < max_iter:  # who goes on: decided among this depth's tokens, scattered back
+                sub = policy if named else policy.gather(1, idx)
+                c = self.decider({**kept_d, L: h_d}, final[rows, idx]) if use_decider else None
+                go = self._decide(sub, depth, c, threshold, q_valid)
+                active = torch.zeros_like(active).scatter(1, idx, go)
+        out = Output(final[:, -1:] if logits == "last" else final, iter_count, continue_logit,
+                     hidden)
+        if trace:  # the numbers behind each token's passes, as the docstring lists them
+            values, ids = top
+            prob = torch.full(iter_count.shape, float("nan"), device=iter_count.device)
+            if named and policy == "decider":
+                prob = torch.sigmoid(continue_logit.float())
+            final5 = final.topk(5, dim=-1)
+            soft = values[..., :self.tah.input_topk].float().softmax(-1)  # (B, T, input_topk)
+            out.trace = {
+                "passes": iter_count, "prob": prob, "pass1_ids": ids[..., :5],
+                "pass1_probs": (values[..., :5].float() - lse1[..., None]).exp(),  # softmax
+                "final_ids": final5.indices,
+                "final_probs": (final5.values.float() - final.float().logsumexp(-1, True)).exp(),
+                "soft_weights": soft[..., :5],  # the largest weights: the largest logits
+                "soft_ids": ids[..., :soft[..., :5].shape[-1]]}
+        return out
+
+    def _decide(self, policy, depth, continue_logit, threshold, valid):
+        """Which tokens (B, T) get pass depth+1."""
+        if isinstance(policy, torch.Tensor):
+            return (policy > depth) & valid
+        if policy == "standard":
+            return torch.zeros_like(valid)
+        if policy == "always":
+            return valid.clone()
+        t = self.tah.threshold if threshold is None else threshold
+        # compare in fp32 with a strict '>', as the authors' decider does
+        prob = torch.sigmoid(continue_logit.float())
+        return (prob > torch.tensor(t, dtype=torch.float32)) & valid
 
 
 # ----------------------------------------------------------------------------- loading and saving
@@ -520,21 +634,24 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         return p
     name = str(path_or_id)
     if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name}: no such model directory (a hub id looks like 'Qwen/Qwen3-0.6B')")
+        raise FileNotFoundError(f"{name}: no such model directory "
+                                "(a hub id looks like 'Qwen/Qwen3-0.6B')")
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:
-        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                      f"Offline? Download it where you have a network (`hf download {name} --local-dir "
-                      f"DIR`), copy DIR here and pass that directory instead of the hub id.") from None
+        raise OSError(f"could not get {name!r} from the Hugging Face hub "
+                      f"({type(e).__name__}: {e}). Offline? Download it where you have a network "
+                      f"(`hf download {name} --local-dir DIR`), copy DIR here and pass that "
+                      "directory instead of the hub id.") from None
 
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: is {path.parent} a Qwen3/TaH checkpoint?") from None
+        raise FileNotFoundError(f"{path} is missing: is {path.parent} a Qwen3/TaH "
+                                "checkpoint?") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
 
@@ -579,39 +696,49 @@ def tah_config_from_json(j: dict) -> TaHConfig:
     for key, ok in ACCEPTED.items():
         if j.get(key) not in (None, ok):
             raise ValueError(f"tah_config.json: {key} = {j[key]!r} is a variant tah.py does not "
-                             f"implement (it implements {ok!r}); this checkpoint cannot be run here")
-    if j.get("iter_label_generator") not in (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"):
-        raise ValueError(f"tah_config.json: iter_label_generator = {j['iter_label_generator']!r}: tah "
+                             f"implement (it implements {ok!r}); this checkpoint cannot be run "
+                             "here")
+    if j.get("iter_label_generator") not in (None, "FixedIterLabelGenerator",
+                                             "DynamicMismatchIterLabelGenerator"):
+        raise ValueError("tah_config.json: iter_label_generator = "
+                         f"{j['iter_label_generator']!r}: tah "
                          "implements only the reference-mismatch oracle labels")
     inp = j.get("input_updater_kwargs") or {}
     if inp.get("use_hidden_states") or ("topk" in inp and inp["topk"] is None):
         raise ValueError("tah_config.json: input_updater_kwargs asks for a hidden-state or full-"
                          "softmax input; tah.py implements only the top-k soft token")
     if j.get("adapter") not in (None, "lora"):
-        raise ValueError(f"tah_config.json: adapter = {j['adapter']!r}; tah.py implements only 'lora'")
+        raise ValueError(f"tah_config.json: adapter = {j['adapter']!r}; tah.py implements "
+                         "only 'lora'")
     a = j.get("adapter_kwargs") or {} if j.get("adapter") == "lora" else {}
     t = TaHConfig(max_iter=j.get("max_iter") or 2, input_topk=inp.get("topk", 100),
-                  lora_r=a.get("r", 0), lora_alpha=a.get("lora_alpha", 0), lora_dropout=a.get("lora_dropout", 0.0))
+                  lora_r=a.get("r", 0), lora_alpha=a.get("lora_alpha", 0),
+                  lora_dropout=a.get("lora_dropout", 0.0))
     if j.get("iter_decider") == "MLPIterDecider":
         k = j.get("iter_decider_kwargs") or {}
         if k.get("normalize_input"):
-            raise ValueError("tah_config.json: the decider's normalize_input=true is not implemented")
+            raise ValueError("tah_config.json: the decider's normalize_input=true is not "
+                             "implemented")
         t.decider_layers, t.decider_topk = list(k["hidden_states_layer_nums"]), k.get("topk", 100)
         t.decider_dims, t.decider_expansion = list(k["hidden_dims"]), k.get("expansion_factor", 4)
         t.decider_dropout, t.threshold = k.get("dropout_rate", 0.1), k.get("threshold", 0.9)
     elif j.get("iter_decider") not in (None, "IterLabelDecider"):
-        raise ValueError(f"tah_config.json: iter_decider = {j['iter_decider']!r}; tah.py implements "
-                         "'MLPIterDecider' (or none: a stage-1 model that iterates by oracle labels)")
+        raise ValueError(f"tah_config.json: iter_decider = {j['iter_decider']!r}; tah.py "
+                         "implements 'MLPIterDecider' (or none: a stage-1 model that iterates "
+                         "by oracle labels)")
     return t
 
 
 def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
-    j = {"max_iter": t.max_iter, "input_updater_kwargs": {"topk": t.input_topk}, "iter_decider": None,
-         "iter_attention_mode": "duo", "output_updater": "AdditiveLogitsUpdater"}
+    """The authors' tah_config.json schema for `t`, which tah_config_from_json reads back."""
+    j = {"max_iter": t.max_iter, "input_updater_kwargs": {"topk": t.input_topk},
+         "iter_decider": None, "iter_attention_mode": "duo",
+         "output_updater": "AdditiveLogitsUpdater"}
     if t.lora_r:
         j["adapter"] = "lora"
-        j["adapter_kwargs"] = {"r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout,
-                               "target_modules": "all-linear", "bias": "none"}
+        j["adapter_kwargs"] = {"r": t.lora_r, "lora_alpha": t.lora_alpha,
+                               "lora_dropout": t.lora_dropout, "target_modules": "all-linear",
+                               "bias": "none"}
     if t.decider_layers is not None:
         j["iter_decider"] = "MLPIterDecider"
         j["iter_decider_kwargs"] = {
@@ -632,8 +759,9 @@ def _read_decider(d: Path) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}); "
-                         "tah never unpickles arbitrary objects. Re-save the decider's state_dict "
+        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) "
+                         f"({type(e).__name__}); tah never unpickles arbitrary objects. Re-save "
+                         "the decider's state_dict "
                          "as decider.safetensors with a tool you trust.") from None
     state = dict(blob["state_dict"])
     state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
@@ -713,41 +841,51 @@ def add_parts(model: TaH, tah: TaHConfig) -> TaH:
     return _assign(new, state, "add_parts").train(model.training)
 
 
-def save(model: TaH, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> None:
+def _write_safetensors(path: Path, tensors: dict) -> None:
+    """Written as ordinary bytes, so the file gets the usual modes (safetensors' own writer
+    makes owner-only files)."""
+    from safetensors.torch import save as to_bytes
+    path.write_bytes(to_bytes(tensors, metadata={"format": "pt"}))
+
+
+def save(model: TaH, path: str | os.PathLike,
+         tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Writes a checkpoint that `load` reads back exactly, as safetensors + JSON only:
     config.json and model.safetensors (a plain Hugging Face Qwen3), lora/ (PEFT's layout),
     decider.safetensors and tah_config.json. Written to a temporary directory, then swapped in,
     so an interruption never leaves a half-written checkpoint."""
-    from safetensors.torch import save_file
-    path = Path(path)
+    path = Path(path)  # every file and folder made as usual (umask modes), none fixed afterwards
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]
     lora = {"base_model.model." + k: state.pop(k) for k in list(state) if ".lora_" in k}
-    decider = {k.removeprefix("decider."): state.pop(k) for k in list(state) if k.startswith("decider.")}
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict() | {"torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    decider = {k.removeprefix("decider."): state.pop(k)
+               for k in list(state) if k.startswith("decider.")}
+    _write_safetensors(tmp / "model.safetensors", state)
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    config = model.config.to_dict() | {"torch_dtype": dtype}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if model.tah != TaHConfig(lora_r=0):  # anything but a plain Qwen3
-        (tmp / "tah_config.json").write_text(json.dumps(tah_config_to_json(model.tah, model.config.hidden_size), indent=2))
+        tah_json = tah_config_to_json(model.tah, model.config.hidden_size)
+        (tmp / "tah_config.json").write_text(json.dumps(tah_json, indent=2))
     if lora:
         (tmp / "lora").mkdir()
-        save_file(lora, tmp / "lora" / "adapter_model.safetensors", metadata={"format": "pt"})
+        _write_safetensors(tmp / "lora" / "adapter_model.safetensors", lora)
         (tmp / "lora" / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": model.tah.lora_r, "lora_alpha": model.tah.lora_alpha,
             "lora_dropout": model.tah.lora_dropout, "bias": "none", "target_modules":
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}, indent=2))
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+            indent=2))
     if decider:
-        save_file(decider, tmp / "decider.safetensors", metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        _write_safetensors(tmp / "decider.safetensors", decider)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-    umask = os.umask(0o022)  # mkdtemp and safetensors make owner-only files: give them the usual modes
-    os.umask(umask)
-    for f in [tmp, *tmp.rglob("*")]:
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
     old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -756,7 +894,7 @@ def save(model: TaH, path: str | os.PathLike, tokenizer_dir: str | os.PathLike |
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- tokenizer and chat format
+# ----------------------------------------------------------------------------- tokenizer
 
 
 class Tokenizer:
@@ -768,12 +906,14 @@ class Tokenizer:
         if not (directory / "tokenizer.json").exists():
             raise FileNotFoundError(f"{directory} has no tokenizer.json")
         self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-        cfg = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = _read_json(cfg_path) if cfg_path.exists() else {}
         eos = cfg.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
-        self.im_start, self.im_end = self.tok.token_to_id("<|im_start|>"), self.tok.token_to_id("<|im_end|>")
-        self.think, self.end_think = self.tok.token_to_id("<think>"), self.tok.token_to_id("</think>")
-        stops = [self.im_end, self.tok.token_to_id("<|endoftext|>"), eos and self.tok.token_to_id(eos)]
+        token_id = self.tok.token_to_id
+        self.im_start, self.im_end = token_id("<|im_start|>"), token_id("<|im_end|>")
+        self.think, self.end_think = token_id("<think>"), token_id("</think>")
+        stops = [self.im_end, token_id("<|endoftext|>"), eos and token_id(eos)]
         self.stop_ids = sorted({i for i in stops if i is not None})
         self.has_chat = self.im_start is not None and self.im_end is not None
 
@@ -783,13 +923,15 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
-        """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant turns
-        keep their <think> block only after the last user turn (the final one shows an empty block if
-        it has none); with thinking off the generation prompt ends with an empty think block."""
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True,
+             enable_thinking: bool = True) -> str:
+        """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant
+        turns keep their <think> block only after the last user turn (the final one shows an
+        empty block if it has none); with thinking off the generation prompt ends with an empty
+        think block."""
         if not self.has_chat:
-            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat format; "
-                             "give it a raw prompt instead")
+            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat "
+                             "format; give it a raw prompt instead")
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
         out = []
         for i, m in enumerate(messages):
@@ -801,12 +943,14 @@ class Tokenizer:
                 content = f"<think>\n{reasoning}\n</think>\n\n{content}"
             out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
         if add_generation_prompt:
-            out.append("<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n"))
+            empty_think = "" if enable_thinking else "<think>\n\n</think>\n\n"
+            out.append("<|im_start|>assistant\n" + empty_think)
         return "".join(out)
 
 
 def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
     return Tokenizer(resolve(path_or_id))
+
 
 
 # ----------------------------------------------------------------------------- generation
@@ -835,37 +979,75 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
         p, idx = probs.sort(-1, descending=True)
         drop = p.cumsum(-1) - p > top_p
         probs = probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the activations of long prompts
+
+
+def _widen(entry: dict, live: torch.Tensor, batch_size: int) -> dict:
+    """A trace entry of the rows `live` as (B, ...) CPU tensors; rows that finished get
+    passes 0, ids -1 and NaN numbers."""
+    out = {}
+    for name, v in entry.items():
+        fill = 0 if name == "passes" else -1 if name.endswith("_ids") else float("nan")
+        out[name] = torch.full((batch_size, *v.shape[1:]), fill, dtype=v.dtype)
+        out[name][live.cpu()] = v.cpu()
+    return out
 
 
 @torch.no_grad()
 def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: int, *,
              policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
+             trace: list | None = None,
              **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the
     position that predicted the token got. Prompts are left-padded, with `valid` marking real
     tokens. Prefill runs the full TaH forward (the decider acts on prompt tokens too); each
-    decode step is pass 1, decider and, if chosen, pass 2, through a KV cache per depth."""
+    decode step is pass 1, decider and, if chosen, pass 2, through a KV cache per depth.
+    A row that emitted a stop id leaves the batch (it costs nothing more) and keeps yielding
+    that id with passes 0. With `trace` a list, every forward appends TaH.forward's trace as
+    (B, T, ...) CPU tensors: entry 0 the prompt, entry k the token fed back at step k."""
     ids = torch.as_tensor(input_ids, device=model.lm_head.weight.device)
     ids = ids[None] if ids.dim() == 1 else ids
     B, T = ids.shape
     limit = model.config.max_position_embeddings
     if T >= limit:
-        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; shorten it")
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; "
+                         "shorten it")
     max_new_tokens = min(max_new_tokens, limit - T)
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.to(ids.device)
     cache = KVCache(model, B, T + max_new_tokens)
-    pos = (valid.cumsum(1) - 1).clamp(min=0)
-    out = model(ids, policy, positions=pos, valid=valid, cache=cache, threshold=threshold)
-    pos = pos[:, -1:]
+    pos = (valid.cumsum(1) - 1).clamp(min=0)  # (B, T)
+    pieces = []
+    for s in range(0, T, PREFILL_CHUNK):  # through the cache, pieces compute one forward
+        e = min(s + PREFILL_CHUNK, T)
+        out = model(ids[:, s:e], policy, positions=pos[:, s:e], valid=valid[:, s:e],
+                    cache=cache, start=s, threshold=threshold, logits="last",
+                    trace=trace is not None)
+        pieces.append(out.trace)
+    live = torch.arange(B, device=ids.device)  # the rows still generating, as `out` has them
+    if trace is not None:
+        trace.append(_widen({k: torch.cat([p[k] for p in pieces], 1) for k in pieces[0]},
+                            live, B))
+    pos = pos[:, -1:]  # (B, 1)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    tokens = torch.zeros(B, dtype=torch.long, device=ids.device)  # what each row yields
     for step in range(max_new_tokens):
-        tok = sample(out.logits[:, -1], generator=generator, **sampling)
-        yield tok, out.iter_count[:, -1]
-        done |= torch.isin(tok, stop)
-        if done.all() or step == max_new_tokens - 1:
+        tok = sample(out.logits[:, -1], generator=generator, **sampling)  # (live,)
+        passes = torch.zeros_like(tokens)
+        tokens[live], passes[live] = tok, out.iter_count[:, -1]
+        yield tokens.clone(), passes
+        going = ~torch.isin(tok, stop)  # (live,)
+        if not going.any() or step == max_new_tokens - 1:
             return
+        if not going.all():  # finished rows leave the batch and the cache
+            live, tok, pos = live[going], tok[going], pos[going]
+            cache.keep(going)
         pos = pos + 1
-        out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step, threshold=threshold)
+        out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step,
+                    threshold=threshold, logits="last", trace=trace is not None)
+        if trace is not None:
+            trace.append(_widen(out.trace, live, B))

@@ -1,5 +1,6 @@
-"""Shared test settings: a bounded, derandomised hypothesis profile, the fixture's path, and a
-guard that fails any test that opens a file beside the checkout (a user's clone has nothing there)."""
+"""Shared test settings and helpers: a bounded, derandomised hypothesis profile, the fixture's
+path, `close` (tensors equal to a tolerance), and a guard that fails any test that opens a file
+beside the checkout (a user's clone has nothing there)."""
 import os
 import sys
 import sysconfig
@@ -17,6 +18,15 @@ torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "official-tiny"  # the authors' reference outputs
+ATOL = 1e-5  # parity with the fixture and between our own paths, fp32
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
+    """Same shape and every element within atol (compared in fp32)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if a.numel():
+        diff = (a.float() - b.float()).abs().max().item()
+        assert diff <= atol, f"max abs diff {diff} > {atol}"
 
 # Folders beside the checkout that a test may still touch: the Python installation (a venv is
 # often made next to the clone) and the temporary directory (pytest's tmp_path lives there).

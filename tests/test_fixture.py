@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import tah
-from conftest import FIXTURE
+from conftest import FIXTURE, close
 
-ATOL = 1e-5
 pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").exists(),
                                 reason=f"fixture not found at {FIXTURE}")
 
@@ -34,11 +33,6 @@ def meta():
 def model():
     return tah.load(FIXTURE)
 
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff} > {atol}"
 
 
 def copy_fixture(dst: Path, skip=()) -> Path:
@@ -136,6 +130,57 @@ def test_parallel_forward_over_generation(model, ref):
     assert torch.equal(out.iter_count[:, :P], ref["gen_prompt_iter_count"])
     assert torch.equal(out.iter_count[:, P:], ref["gen_iter_count"])
     close(out.logits[0, P - 1:-1], ref["gen_step_logits"])
+
+
+@torch.no_grad()
+def test_generate_trace_matches_a_plain_forward(model, ref):
+    """generate(trace=[]) records, per forward it runs, the numbers of a plain forward over the
+    same tokens: passes, the decider's probability, top 5 of z1 and of the final logits, and the
+    soft token's largest weights; it changes no token."""
+    prompt, n = ref["gen_prompt_ids"], 16
+    trace = []
+    steps = list(tah.generate(model, prompt, n, trace=trace))
+    assert [t for t, _ in steps] == [t for t, _ in tah.generate(model, prompt, n)]
+    P = prompt.shape[1]
+    assert [e["passes"].shape for e in trace] == [(1, P)] + [(1, 1)] * (n - 1)
+    got = {k: torch.cat([e[k] for e in trace], dim=1) for k in trace[0]}  # (1, P + n - 1, ...)
+    ids = torch.cat([prompt, torch.stack([t for t, _ in steps], 1)[:, :-1]], dim=1)
+    out = model(ids, "decider")
+    z1 = model(ids, "standard").logits  # pass 1 is the plain model
+    assert torch.equal(got["passes"], out.iter_count) and (got["passes"] == 2).any()
+    close(got["prob"], torch.sigmoid(out.continue_logit))
+    for name, logits in (("pass1", z1), ("final", out.logits)):
+        probs, ids5 = logits.softmax(-1).topk(5, dim=-1)
+        assert torch.equal(got[f"{name}_ids"], ids5)
+        close(got[f"{name}_probs"], probs)
+    top = z1.topk(model.tah.input_topk, dim=-1)
+    assert torch.equal(got["soft_ids"], top.indices[..., :5])
+    close(got["soft_weights"], top.values.softmax(-1)[..., :5])
+    # pass 2 moved the prediction somewhere: the final top 5 differs from pass 1's there
+    moved = (got["passes"] == 2)[..., None] & (got["final_probs"] - got["pass1_probs"]).abs().gt(1e-4)
+    assert moved.any()
+    trace_std = []
+    list(tah.generate(model, prompt, 2, policy="standard", trace=trace_std))
+    assert trace_std[0]["prob"].isnan().all() and (trace_std[0]["passes"] == 1).all()
+
+
+@torch.no_grad()
+def test_finished_rows_leave_the_batch(model, ref):
+    """A row that emits a stop id keeps yielding it with passes 0 and costs nothing more; the
+    other rows generate exactly what they generate alone."""
+    prompt = ref["gen_prompt_ids"]
+    other = prompt.flip(1)
+    alone = [torch.stack([t for t, _ in tah.generate(model, p, 12)], 1) for p in (prompt, other)]
+    stop = int(alone[0][0, 3])  # row 0 stops at step 3 (or earlier, if the id came before)
+    first = int((alone[0][0] == stop).nonzero()[0])
+    assert stop not in alone[1][0].tolist()[:12]
+    steps = list(tah.generate(model, torch.cat([prompt, other]), 12, stop_ids=[stop]))
+    tokens = torch.stack([t for t, _ in steps], 1)  # (2, 12)
+    passes = torch.stack([p for _, p in steps], 1)
+    assert torch.equal(tokens[0, :first + 1], alone[0][0, :first + 1])
+    assert (tokens[0, first:] == stop).all() and (passes[0, first + 1:] == 0).all()
+    assert (passes[0, :first + 1] > 0).all() and (passes[1] > 0).all()
+    assert torch.equal(tokens[1], alone[1][0])
 
 
 # ----------------------------------------------------------------------------- loading and saving
@@ -239,3 +284,20 @@ def test_missing_lora_file(tmp_path):
     d = copy_fixture(tmp_path / "ckpt", skip={"lora/adapter_model.safetensors"})
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         tah.load(d)
+
+
+@torch.no_grad()
+def test_prefill_in_pieces_is_one_prefill(model, ref, monkeypatch):
+    """generate prefills long prompts in pieces through the cache; the pieces compute what one
+    forward computes: same tokens, same passes, same trace of the prompt."""
+    prompt = ref["gen_prompt_ids"]
+    whole, pieces = [], []
+    a = list(tah.generate(model, prompt, 6, trace=whole))
+    monkeypatch.setattr(tah, "PREFILL_CHUNK", 3)  # 10 prompt tokens: pieces of 3, 3, 3, 1
+    b = list(tah.generate(model, prompt, 6, trace=pieces))
+    assert all(torch.equal(x, y) for pair in zip(a, b) for x, y in zip(*pair))
+    for name, value in whole[0].items():
+        if name.endswith("_ids") or name == "passes":
+            assert torch.equal(pieces[0][name], value), name
+        else:
+            close(pieces[0][name], value)

@@ -17,8 +17,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import tah
+from conftest import close
 
-ATOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- tiny random models
@@ -106,12 +106,6 @@ def gap_threshold(probs: torch.Tensor) -> tuple[float, float]:
     j = lo + int(gaps[lo:hi].argmax())
     return float(p[j] + gaps[j] / 2), float(gaps[j] / 2)
 
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if a.numel():
-        diff = (a - b).abs().max().item()
-        assert diff <= atol, f"max abs diff {diff} > {atol}"
 
 
 def decider_threshold(m, ids, valid=None):
@@ -302,6 +296,39 @@ def test_left_padded_batch_equals_rows(kind, s, lengths):
         close(out.logits[r, T - n:], row.logits[0])
 
 
+
+@pytest.mark.parametrize("kind", ["oracle", "decider"])
+@settings(max_examples=4)
+@given(s=setups(max_iter=st.just(2)), B=st.integers(1, 3), T=st.integers(2, 9))
+@torch.no_grad()
+def test_last_logits_and_trace_without_full_logits(kind, s, B, T):
+    """logits="last" (what prefill uses: no (B, T, V) tensor, the top-k in chunks) gives the last
+    row, the passes, the decider's logits and the trace of the full forward."""
+    m = build(s)
+    ids = torch.randint(0, s.vocab, (B, T), generator=torch.Generator().manual_seed(s.seed))
+    valid = torch.arange(T)[None] >= torch.arange(B)[:, None]  # row r has r pads on the left
+    thr = decider_threshold(m, ids, valid) if kind == "decider" else None
+    policy = "decider" if kind == "decider" else oracle((B, T), 2, s.seed)
+    full = m(ids, policy, valid=valid, threshold=thr, trace=True)
+    last = m(ids, policy, valid=valid, threshold=thr, trace=True, logits="last")
+    assert torch.equal(last.iter_count, full.iter_count)
+    close(last.logits, full.logits[:, -1:])
+    if kind == "decider":
+        close(last.continue_logit, full.continue_logit)
+    for name, value in full.trace.items():
+        if name.endswith("_ids") or name == "passes":
+            assert torch.equal(last.trace[name][valid], value[valid]), name
+        elif name == "prob" and kind == "oracle":  # no decider's say: NaN
+            assert last.trace[name].isnan().all() and value.isnan().all()
+        else:
+            close(last.trace[name][valid], value[valid])
+    h = torch.randn(B, T, s.hidden)
+    k = min(3, s.vocab)
+    chunked = m.head_topk(h, k, chunk=4)  # the head on 4 rows at a time
+    whole = m.lm_head(h).topk(k, dim=-1)
+    assert torch.equal(chunked[1], whole.indices)
+    close(chunked[0], whole.values)
+
 # ----------------------------------------------------------------------------- passes asked for
 
 
@@ -464,3 +491,25 @@ def test_decider_initialisation_is_the_authors():
         assert abs(m.weight.std().item() / want - 1) < 0.1 and not m.bias.any()
     bound = 1 / 8 ** 0.5  # the projections keep nn.Linear's default uniform(+-1/sqrt(fan_in))
     assert d.logits_projection.weight.abs().max() <= bound and d.logits_projection.bias.any()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing the layers in backward (train.py turns it on for real models) stores each
+    depth's keys again under the same (layer, depth) in `tah.Keys`: same loss, same gradients."""
+    s = Setup(layers=2, kv_heads=2, groups=2, head_dim=8, hidden=16, vocab=40, tie=True, lora_r=2,
+              input_topk=4, decider_topk=4, decider_layers=(0,), decider_dims=(16,), max_iter=3,
+              seed=3)
+    ids = torch.randint(0, s.vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    passes = oracle((2, 7), 3, seed=1)
+    grads = []
+    for checkpointing in (False, True):
+        m = build(s, decider=False).train()
+        for module in m.modules():  # dropout off: both runs must see the same numbers
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        m.grad_checkpointing = checkpointing
+        m(ids, passes).logits.logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".lora_B." in n for n in grads[0])
+    for name in grads[0]:
+        close(grads[1][name], grads[0][name], atol=1e-5)

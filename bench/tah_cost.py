@@ -4,30 +4,35 @@ A random mid-size Qwen3 (fp32, no grad) runs with a fraction p of tokens iterati
 oracle policy), against the standard forward (nobody iterates). Pass 2 runs only on the gathered
 iterating tokens, so the targets are:
   forward (prefill) time   <= (1 + p) x 1.15 x standard
-  decode tokens/s          >= 0.9 x standard / (1 + p)   (a fraction p of decode steps iterate)
+  decode tokens/s          >= 0.95 x standard / (1 + p)  (a fraction p of decode steps iterate)
 Runs are interleaved (standard, p=0, p=0.1, ... in every repeat) and medians compared.
 
-  python tests/bench_tah.py                    # hidden 512, 8 layers, vocab 32000, T = 512
-  python tests/bench_tah.py --tiny             # seconds, to check that the script runs
-  python tests/bench_tah.py --threads 2 --repeats 9
+  python bench/tah_cost.py                     # hidden 512, 8 layers, vocab 32000, T = 512
+  python bench/tah_cost.py --tiny              # seconds, to check that the script runs
+  python bench/tah_cost.py --threads 2 --repeats 9
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import tah
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tah  # noqa: E402
 
 
 def build(args) -> tah.TaH:
-    c = tah.Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                        num_key_value_heads=max(1, args.hidden // 128), head_dim=64,
-                        max_position_embeddings=args.seq + args.decode + 8, torch_dtype="float32")
-    t = tah.TaHConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0)  # no decider: the oracle decides
+    config = tah.Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden,
+                             intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=args.hidden // 64,
+                             num_key_value_heads=max(1, args.hidden // 128), head_dim=64,
+                             max_position_embeddings=args.seq + args.decode + 8,
+                             torch_dtype="float32")
+    tah_config = tah.TaHConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0)  # the oracle decides
     torch.manual_seed(0)
-    model = tah.TaH(c, t)
+    model = tah.TaH(config, tah_config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B." in name:  # a live adapter, as after training
@@ -65,13 +70,15 @@ def time_decode(model, prompt, steps: int, pol) -> float:
     t0 = CLOCK()
     for s in range(steps):
         step = pol if isinstance(pol, str) else pol[:, s:s + 1]
-        out = model(tok[:, None], step, positions=torch.full((B, 1), T + s), cache=cache, start=T + s)
+        out = model(tok[:, None], step, positions=torch.full((B, 1), T + s), cache=cache,
+                    start=T + s)
         tok = out.logits[:, -1].argmax(-1)
     return CLOCK() - t0
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512, help="hidden size (heads of 64 dims)")
     ap.add_argument("--layers", type=int, default=8, help="decoder layers")
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
@@ -82,22 +89,27 @@ def main():
                     help="fractions p of iterating tokens / decode steps")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall time, or this process's CPU time (steadier on a busy machine, with --threads 1)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny model and few repeats, to test the script")
+                    help="wall time, or this process's CPU time (steadier on a busy machine, "
+                    "with --threads 1)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny model and few repeats, to test the script")
     args = ap.parse_args()
     if args.tiny:
-        args.hidden, args.layers, args.vocab, args.seq, args.decode, args.repeats = 128, 2, 1000, 64, 8, 2
+        args.hidden, args.layers, args.vocab = 128, 2, 1000
+        args.seq, args.decode, args.repeats = 64, 8, 2
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     model = build(args)
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA r 16; "
-          f"T = {args.seq}, {args.decode} decode steps, {args.threads} thread(s), fp32 CPU, {args.clock} clock")
+          f"T = {args.seq}, {args.decode} decode steps, {args.threads} thread(s), fp32 CPU, "
+          f"{args.clock} clock")
     ids = torch.randint(0, args.vocab, (1, args.seq), generator=torch.Generator().manual_seed(1))
     names = ["standard"] + [f"p={p:g}" for p in args.fractions]
     fwd_pol = ["standard"] + [policy((1, args.seq), p, 2) for p in args.fractions]
     dec_pol = ["standard"] + [policy((1, args.decode), p, 3) for p in args.fractions]
-    time_forward(model, ids, fwd_pol[-1]), time_decode(model, ids[:, :16], 4, dec_pol[-1])  # warm up
+    time_forward(model, ids, fwd_pol[-1])  # warm up
+    time_decode(model, ids[:, :16], 4, dec_pol[-1])
     fwd = {n: [] for n in names}
     dec = {n: [] for n in names}
     for r in range(args.repeats):
@@ -113,14 +125,16 @@ def main():
         t = statistics.median(fwd[n])
         ratio, target = t / f0, (1 + p) * 1.15
         ok &= ratio <= target
-        print(f"{n:10}{t * 1e3:9.1f}{ratio:8.3f}{target:11.3f}  {'ok' if ratio <= target else 'MISSED'}")
+        print(f"{n:10}{t * 1e3:9.1f}{ratio:8.3f}{target:11.3f}  "
+              f"{'ok' if ratio <= target else 'MISSED'}")
     print(f"\ndecode after a {args.seq}-token prompt: standard {args.decode / d0:.1f} tokens/s")
     print(f"{'':10}{'tok/s':>9}{'ratio':>8}{'target >=':>11}")
     for n, p in zip(names[1:], args.fractions):
         speed = args.decode / statistics.median(dec[n])
-        ratio, target = speed / (args.decode / d0), 0.9 / (1 + p)
+        ratio, target = speed / (args.decode / d0), 0.95 / (1 + p)
         ok &= ratio >= target
-        print(f"{n:10}{speed:9.1f}{ratio:8.3f}{target:11.3f}  {'ok' if ratio >= target else 'MISSED'}")
+        print(f"{n:10}{speed:9.1f}{ratio:8.3f}{target:11.3f}  "
+              f"{'ok' if ratio >= target else 'MISSED'}")
     print("\nall targets met" if ok else "\nsome targets MISSED")
 
 
