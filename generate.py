@@ -93,16 +93,15 @@ def chat(model, tok, history: list, gen: dict, raw: bool, think: bool, color: bo
 
 def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], trace: list,
                header: str, threshold: float) -> None:
-    """One self-contained page: every token coloured by the passes of the position that predicted
-    it, a bar for that position's decider probability (the tick marks the threshold) and, on hover
-    or click, its pass-1, final and soft-token top-5. trace: tah.generate's, batch of one."""
+    """One self-contained page of the prompt and the answer: each token coloured by the passes of
+    the position that predicted it, with a bar for that position's decider probability (the tick
+    is the threshold); hover or click shows its top-5 lists. trace: tah.generate's, batch of one."""
     at = {k: torch.cat([step[k] for step in trace], 1)[0].tolist() for k in trace[0]}  # row 0
 
     def span(i: int, t: int) -> str:  # token i of prompt + tokens, predicted by position i - 1
-        text = html.escape(tok.decode([t]))
+        text, j = html.escape(tok.decode([t])), i - 1
         if i == 0:
             return f'<span class="t">{text}</span>'
-        j = i - 1
         p, q = at["passes"][j], at["prob"][j]
         top = {name: [[w, tok.decode([w]), round(x, 4)] for w, x in zip(at[ws][j], at[xs][j])]
                for name, (ws, xs) in TOPS.items()}
@@ -111,35 +110,38 @@ def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[in
                 f'data-top="{html.escape(json.dumps(top))}">{text}{bar}</span>')
     spans = [span(i, t) for i, t in enumerate(prompt + tokens)]
     with open(path, "w", encoding="utf-8") as f:
-        f.write(PAGE + f'<body style="--thr:{threshold:.1%}"><h1>{html.escape(header)}</h1>'
-                f'<p>{LEGEND}</p><pre id="info">hover over or click a token</pre><h2>prompt</h2>'
-                f'<div>{"".join(spans[:len(prompt)])}</div><h2>answer</h2>'
-                f'<div>{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
+        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}"><h1>{html.escape(header)}</h1>'
+                f'<p>{LEGEND}</p><pre id="info"></pre><h2>prompt</h2><div>'
+                f'{"".join(spans[:len(prompt)])}</div><h2>answer</h2><div id="answer">'
+                f'{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
 
 
-TOPS = {"pass 1": ("pass1_ids", "pass1_probs"), "final": ("final_ids", "final_probs"),
-        "soft token": ("soft_ids", "soft_weights")}  # the top-5 lists of tah.generate's trace
-LEGEND = ("Each token is coloured by the passes of the position that predicted it (grey 1, "
-          "yellow 2, red 3+); the bar under it is that position's decider probability, the tick "
-          "the threshold.")
+TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"), "final (+ pass 2)": ("final_ids",
+        "final_probs"), "soft token mixed": ("soft_ids", "soft_weights")}  # in the trace
+LEGEND = ("Each token is coloured by the passes of the position that predicted it (grey 1, yellow"
+          " 2, red 3+); the bar under it is that position's decider probability, the tick the "
+          "threshold. Hover over or click a token.")
 PAGE = """<!doctype html><meta charset="utf-8"><title>TaH trace</title><style>
-body{font:15px/2.4 monospace;margin:1.5em;max-width:70em} h1{font-size:15px} h2{font-size:14px;
+body{font:15px/2.4 monospace;margin:1.5em;max-width:72em} h1{font-size:15px} h2{font-size:14px;
 border-top:2px solid #888;margin:1em 0 0} .t{position:relative;padding:1px 3px 5px;margin:1px;
-white-space:pre;background:#e8e8e8;cursor:pointer} .p2{background:#fd4} .p3{background:#d33;
+white-space:pre;background:#e4e4e4;cursor:pointer} .p2{background:#fd4} .p3{background:#d33;
 color:#fff} .t b{position:absolute;left:0;bottom:0;height:3px;background:#25c}
-.t[data-prob]::after{content:"";position:absolute;left:var(--thr);bottom:0;height:6px;
-border-left:1px solid #000} #info{position:sticky;top:0;background:#f6f6ff;padding:.5em;
-line-height:1.3;min-height:7em;border:1px solid #99c}</style>"""
+.t[data-prob]::after{content:"";position:absolute;left:var(--thr);bottom:0;height:7px;
+border-left:1px solid #000} #info{position:sticky;top:0;background:#f4f4ff;padding:.5em;
+line-height:1.3;border:1px solid #99c}</style>"""
 SCRIPT = """<script>
 const info = document.getElementById("info");
 function show(e) {
-  const t = e.target.closest(".t[data-top]"); if (!t) return;
-  const cols = Object.entries(JSON.parse(t.dataset.top)).map(([name, rows]) => name.padEnd(24) +
-    "\\n" + rows.map(([, w, p]) => ((100 * p).toFixed(1) + "% " + JSON.stringify(w)).padEnd(24)));
-  info.textContent = `${t.dataset.passes} passes, decider p = ${t.dataset.prob}\\n` +
-    [0, 1, 2, 3, 4, 5].map(r => cols.map(c => r ? c[1][r - 1] : c[0]).join(" ")).join("\\n");
+  const t = e.target?.closest(".t[data-top]"); if (!t) return;
+  const line = ([, w, p]) => (100 * p).toFixed(1).padStart(5) + "% " + JSON.stringify(w);
+  const cols = Object.entries(JSON.parse(t.dataset.top)).map(
+    ([name, rows]) => [name, ...rows.map(line)].map(s => s.padEnd(28)));
+  info.textContent = `token ${JSON.stringify(t.firstChild.textContent)}: predicted with ` +
+    `${t.dataset.passes} passes, decider probability ${t.dataset.prob}\\n\\n` +
+    cols[0].map((_, r) => cols.map(c => c[r]).join(" ")).join("\\n");
 }
 document.onmouseover = show; document.onclick = show;
+show({target: document.querySelector("#answer .t")});
 </script>"""
 
 
