@@ -141,15 +141,16 @@ def test_page_matches_the_model(tmp_path, capsys):
         z1 = model(ids, "standard").logits
     final, pass1 = full.logits[0].softmax(-1).topk(5), z1[0].softmax(-1).topk(5)
     top_k = z1[0].topk(model.tah.input_topk)  # the soft token mixes these with softmax weights
-    want = {"pass 1": (pass1.indices, pass1.values), "final": (final.indices, final.values),
-            "soft token": (top_k.indices[:, :5], top_k.values.softmax(-1)[:, :5])}
+    want = {"pass1_ids": (pass1.indices, pass1.values), "final_ids": (final.indices, final.values),
+            "soft_ids": (top_k.indices[:, :5], top_k.values.softmax(-1)[:, :5])}  # by trace key
     prob = torch.sigmoid(full.continue_logit[0])
     assert 0 < int((full.iter_count == 2).sum()) < ids.shape[1]  # both kinds of token occur
     for i, t in enumerate(page.tokens[1:]):  # token i + 1, predicted by position i
         assert int(t["data-passes"]) == int(full.iter_count[0, i])
         assert float(t["data-prob"]) == pytest.approx(float(prob[i]), abs=2e-4)
         top = json.loads(t["data-top"])
-        for name, (w, x) in want.items():
+        for name, (key, _) in generate.TOPS.items():
+            w, x = want[key]
             assert [r[0] for r in top[name]] == w[i].tolist(), name
             assert [r[2] for r in top[name]] == pytest.approx(x[i].tolist(), abs=2e-4), name
 
