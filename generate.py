@@ -110,10 +110,10 @@ def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[in
                 f'data-top="{html.escape(json.dumps(top))}">{text}{bar}</span>')
     spans = [span(i, t) for i, t in enumerate(prompt + tokens)]
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}"><h1>{html.escape(header)}</h1>'
-                f'<p>{LEGEND}</p><pre id="info"></pre><h2>prompt</h2><div>'
-                f'{"".join(spans[:len(prompt)])}</div><h2>answer</h2><div id="answer">'
-                f'{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
+        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}" data-threshold="{threshold:g}">'
+                f'<h1>{html.escape(header)}</h1><p>{LEGEND}</p><pre id="info"></pre>'
+                f'<h2>prompt</h2><div>{"".join(spans[:len(prompt)])}</div><h2>answer</h2>'
+                f'<div id="answer">{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
 
 
 TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"), "final (+ pass 2)": ("final_ids",
@@ -137,7 +137,8 @@ function show(e) {
   const cols = Object.entries(JSON.parse(t.dataset.top)).map(
     ([name, rows]) => [name, ...rows.map(line)].map(s => s.padEnd(28)));
   info.textContent = `token ${JSON.stringify(t.firstChild.textContent)}: predicted with ` +
-    `${t.dataset.passes} passes, decider probability ${t.dataset.prob}\\n\\n` +
+    `${t.dataset.passes} passes, decider probability ${t.dataset.prob} ` +
+    `(threshold ${document.body.dataset.threshold})\\n\\n` +
     cols[0].map((_, r) => cols.map(c => c[r]).join(" ")).join("\\n");
 }
 document.onmouseover = show; document.onclick = show;
@@ -279,7 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:  # a device this machine lacks fails now, not after the download
         torch.empty(0, device=a.device)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"--device {a.device} is not usable here ({str(e).splitlines()[0]}); "
+        why = str(e).splitlines()[0].split(". ")[0]  # torch's first sentence
+        raise ValueError(f"--device {a.device} is not usable here ({why}); "
                          "leave --device out to take the first available") from None
     try:  # a page that cannot be written fails before generation, not after
         if a.html:

@@ -91,7 +91,7 @@ def test_page_holds_the_trace(tmp_path):
     bars = [a["style"] for tag, a in page.tags if tag == "b"]
     assert len(bars) == len(page.tokens) - 2  # none for the first token and for the NaN
     assert bars[0] == f"width:{float(at['prob'][0]):.1%}"
-    assert ("body", {"style": "--thr:75.0%"}) in page.tags
+    assert ("body", {"style": "--thr:75.0%", "data-threshold": "0.75"}) in page.tags
     assert "my &lt;model&gt;" in text and "A&gt;C" in text  # escaped, so the page stays well-formed
     for outside in ("http", "src=", "<link", "<img", "@import", "url("):  # nothing loads from outside
         assert outside not in text.lower()
