@@ -306,8 +306,9 @@ def run(a: argparse.Namespace) -> int:
               file=sys.stderr)
     raw, think = a.raw or not tok.has_chat, not a.no_think
     policy = a.policy or ("standard" if model.decider is None else "decider")
-    threshold = a.threshold if a.threshold is not None else (EVAL_THRESHOLD if rows else
-                                                             model.tah.threshold)
+    threshold = a.threshold
+    if threshold is None:  # the authors evaluate at 0.9; otherwise the checkpoint's own
+        threshold = EVAL_THRESHOLD if rows else model.tah.threshold
     rng = None if a.seed is None else torch.Generator(device).manual_seed(a.seed)
     gen = dict(max_new_tokens=a.max_new_tokens or (4096 if rows else 1024), policy=policy,
                stop_ids=tok.stop_ids, threshold=threshold, generator=rng, top_k=a.top_k,
@@ -331,10 +332,8 @@ def run(a: argparse.Namespace) -> int:
         trace, t0 = ([] if a.html else None), time.perf_counter()
         tokens, passes = stream(model, tok, ids, gen, color, trace)
         if a.html:
-            speed = len(passes) / max(time.perf_counter() - t0, 1e-9)
-            header = (f"{a.model} | policy {policy} | threshold {threshold:g} | "
-                      f"{sum(p > 1 for p in passes) / max(len(passes), 1):.1%} of the answer "
-                      f"iterated | {speed:.1f} tokens/s")
+            header = f"{a.model} | {stats(passes, time.perf_counter() - t0, policy)} | " \
+                     f"threshold {threshold:g}"
             write_html(a.html, tok, ids, tokens, trace, header, threshold)
             print(f"wrote {a.html}", file=sys.stderr)
     else:
