@@ -136,7 +136,7 @@ function show(e) {
   const line = ([, w, p]) => (100 * p).toFixed(1).padStart(5) + "% " + JSON.stringify(w);
   const cols = Object.entries(JSON.parse(t.dataset.top)).map(
     ([name, rows]) => [name, ...rows.map(line)].map(s => s.padEnd(28)));
-  info.textContent = `token ${JSON.stringify(t.firstChild.textContent)}: predicted with ` +
+  info.textContent = `token ${JSON.stringify(t.textContent)}: predicted with ` +
     `${t.dataset.passes} passes, decider probability ${t.dataset.prob} ` +
     `(threshold ${document.body.dataset.threshold})\\n\\n` +
     cols[0].map((_, r) => cols.map(c => c[r]).join(" ")).join("\\n");
@@ -259,9 +259,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--color", choices=["auto", "always", "never"], default="auto", help="colour by passes")
     add("--no-color", dest="color", action="store_const", const="never", help="--color never")
     add("--html", metavar="FILE", help="also write the trace of one prompt as a web page")
-    add("--eval", metavar="FILE", help="score JSONL {question, answer} rows; prints a results line")
-    add("--instruction", nargs="?", const=INSTRUCTION, help=f"--eval: append to each question "
-        f"(without TEXT: {INSTRUCTION!r}; the authors append none)")
+    add("--eval", metavar="FILE", help="score JSONL {question, answer} rows: a reply's last "
+        "\\boxed{} (else its first word) against the answer, by math-verify if installed")
+    add("--instruction", nargs="?", const=INSTRUCTION, metavar="TEXT", help="--eval: append TEXT "
+        f"to each question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
     add("--batch-size", type=int, default=1, help="--eval: questions generated together")
     a = p.parse_args(argv)
     for ok, what in [(a.temperature >= 0, f"--temperature is {a.temperature}; give 0 or more"),

@@ -109,6 +109,10 @@ def test_bad_html_path_fails_before_loading_or_generating(tmp_path, monkeypatch,
     assert err.count("\n") == 1
     assert generate.main(["--model", str(FIXTURE), "--html", str(tmp_path), "hi"]) == 2  # a folder
     assert "cannot write --html" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert generate.main(["--model", str(FIXTURE), "--html", str(tmp_path / "file" / "t.html"),
+                          "hi"]) == 2  # under a file
+    assert "(Not a directory); give a writable path" in capsys.readouterr().err
     assert generate.main(["--model", str(FIXTURE), "--html", str(tmp_path / "t.html")]) == 2
     assert "--html traces one prompt" in capsys.readouterr().err  # a chat has no single trace
 
