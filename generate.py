@@ -91,33 +91,9 @@ def chat(model, tok, history: list, gen: dict, raw: bool, think: bool, color: bo
             print(f"error: {e}", file=sys.stderr)
 
 
-def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], trace: list,
-               header: str, threshold: float) -> None:
-    """One self-contained page of the prompt and the answer: each token coloured by the passes of
-    the position that predicted it, with a bar for that position's decider probability (the tick
-    is the threshold); hover or click shows its top-5 lists. trace: tah.generate's, batch of one."""
-    at = {k: torch.cat([step[k] for step in trace], 1)[0].tolist() for k in trace[0]}  # row 0
-
-    def span(i: int, t: int) -> str:  # token i of prompt + tokens, predicted by position i - 1
-        text, j = html.escape(tok.decode([t])), i - 1
-        if i == 0:
-            return f'<span class="t">{text}</span>'
-        p, q = at["passes"][j], at["prob"][j]
-        top = {name: [[w, tok.decode([w]), round(x, 4)] for w, x in zip(at[ws][j], at[xs][j])]
-               for name, (ws, xs) in TOPS.items()}
-        bar = "" if math.isnan(q) else f'<b style="width:{q:.1%}"></b>'
-        return (f'<span class="t p{min(p, 3)}" data-passes="{p}" data-prob="{q:.4f}" '
-                f'data-top="{html.escape(json.dumps(top))}">{text}{bar}</span>')
-    spans = [span(i, t) for i, t in enumerate(prompt + tokens)]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}" data-threshold="{threshold:g}">'
-                f'<h1>{html.escape(header)}</h1><p>{LEGEND}</p><pre id="info"></pre>'
-                f'<h2>prompt</h2><div>{"".join(spans[:len(prompt)])}</div><h2>answer</h2>'
-                f'<div id="answer">{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
-
-
-TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"), "final (+ pass 2)": ("final_ids",
-        "final_probs"), "soft token mixed": ("soft_ids", "soft_weights")}  # in the trace
+TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"),  # the trace's top-5 lists, by heading
+        "final (+ pass 2)": ("final_ids", "final_probs"),
+        "soft token mixed": ("soft_ids", "soft_weights")}
 LEGEND = ("Each token is coloured by the passes of the position that predicted it (grey 1, yellow"
           " 2, red 3+); the bar under it is that position's decider probability, the tick the "
           "threshold. Hover over or click a token.")
@@ -144,6 +120,31 @@ function show(e) {
 document.onmouseover = show; document.onclick = show;
 show({target: document.querySelector("#answer .t")});
 </script>"""
+
+
+def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], trace: list,
+               header: str, threshold: float) -> None:
+    """One self-contained page of the prompt and the answer: each token coloured by the passes of
+    the position that predicted it, with a bar for that position's decider probability (the tick
+    is the threshold); hover or click shows its top-5 lists. trace: tah.generate's, batch of one."""
+    at = {k: torch.cat([step[k] for step in trace], 1)[0].tolist() for k in trace[0]}  # row 0
+
+    def span(i: int, t: int) -> str:  # token i of prompt + tokens, predicted by position i - 1
+        text, j = html.escape(tok.decode([t])), i - 1
+        if i == 0:
+            return f'<span class="t">{text}</span>'
+        p, q = at["passes"][j], at["prob"][j]
+        top = {name: [[w, tok.decode([w]), round(x, 4)] for w, x in zip(at[ws][j], at[xs][j])]
+               for name, (ws, xs) in TOPS.items()}
+        bar = "" if math.isnan(q) else f'<b style="width:{q:.1%}"></b>'
+        return (f'<span class="t p{min(p, 3)}" data-passes="{p}" data-prob="{q:.4f}" '
+                f'data-top="{html.escape(json.dumps(top))}">{text}{bar}</span>')
+    spans = [span(i, t) for i, t in enumerate(prompt + tokens)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}" data-threshold="{threshold:g}">'
+                f'<h1>{html.escape(header)}</h1><p>{LEGEND}</p><pre id="info"></pre>'
+                f'<h2>prompt</h2><div>{"".join(spans[:len(prompt)])}</div><h2>answer</h2>'
+                f'<div id="answer">{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
 
 
 def read_jsonl(path: str) -> list[tuple[str, str]]:
