@@ -23,6 +23,7 @@ PROMPT = "The sum of 3 and 4 is"  # plain text: encodes and decodes back to itse
 GREEDY = ["--model", str(FIXTURE), "--raw", "--greedy"]
 ANSI = re.compile(r"\033\[[0-9;]*m")
 TOY_EVAL = ROOT / "tests" / "fixtures" / "toy-eval.jsonl"
+TOY_TAH = ROOT / "tests" / "fixtures" / "toy-tah"  # the default toy run, trained
 
 
 def toy_tokenizer(folder) -> tah.Tokenizer:
@@ -392,3 +393,12 @@ def test_toy_eval_end_to_end(tmp_path, capsys):
     assert float(m["share"]) == pytest.approx(100 * sum(p > 1 for p in passes) / 80, abs=0.05)
     assert generate.main(args + ["--batch-size", "8"]) == 0  # batches score the same
     assert RESULT.fullmatch(capsys.readouterr().out)["right"] == str(right)
+
+
+@pytest.mark.skipif(not TOY_TAH.exists(), reason="no trained toy checkpoint in this checkout")
+def test_trained_toy_on_the_held_out_set(capsys):
+    """The README's results line for the toy (a batch of 8 equals one at a time: no padding)."""
+    assert generate.main(["--model", str(TOY_TAH), "--eval", str(TOY_EVAL), "--greedy",
+                          "--max-new-tokens", "1", "--batch-size", "8"]) == 0
+    m = RESULT.fullmatch(capsys.readouterr().out)
+    assert (m["right"], m["n"], m["share"], m["threshold"]) == ("37", "40", "35.0", "0.9")

@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 import generate  # noqa: E402
 from test_generate import toy_checkpoint, toy_tokenizer  # noqa: E402
 
+TOY_TAH = ROOT / "tests" / "fixtures" / "toy-tah"  # the default toy run, trained
+SHOWCASE = "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 1: B J 2: A"  # tutorial chapter 7's figure
 PROMPT = "What is 6 times 7?"  # greedy on the fixture: varied tokens, both kinds of passes
 HAS_TRACE = "trace" in inspect.signature(tah.generate).parameters
 needs_trace = pytest.mark.skipif(not HAS_TRACE, reason="tah.generate has no trace= yet")
@@ -184,3 +186,23 @@ def test_subprocess_toy_tokenizer_page(tmp_path):
     assert r.returncode == 0, r.stderr
     page = Page((tmp_path / "t.html").read_text(encoding="utf-8"))
     assert [t["section"] for t in page.tokens].count("answer") == 1 and len(page.tokens) == 14
+
+
+@needs_trace
+@pytest.mark.skipif(not TOY_TAH.exists(), reason="no trained toy checkpoint in this checkout")
+def test_trained_toy_page_shows_what_chapter_7_says(tmp_path):
+    """The figure of chapter 7: the 1-hop answer from one pass, the 2-hop answer from two, pass 2
+    moving the prediction from a wrong top five to the right letter."""
+    args = ["--model", str(TOY_TAH), "--greedy", "--max-new-tokens", "1", "--html",
+            str(tmp_path / "t.html"), SHOWCASE]
+    assert generate.main(args) == 0
+    *prompt, answer = Page((tmp_path / "t.html").read_text(encoding="utf-8")).tokens
+    one_hop = prompt[-3]  # "J" in "1: B J"
+    assert one_hop["text"] == "J" and one_hop["data-passes"] == "1"
+    assert float(one_hop["data-prob"]) < 0.01
+    assert answer["text"] == "A" and answer["data-passes"] == "2"
+    assert float(answer["data-prob"]) == pytest.approx(0.91, abs=0.005)  # threshold 0.5
+    top = json.loads(answer["data-top"])
+    pass1, final = top["pass 1 predicted"], top["final (+ pass 2)"]
+    assert [s for _, s, _ in pass1] == ["H", "D", "G", "J", "F"] and pass1[0][2] < 0.28
+    assert final[0][1] == "A" and final[0][2] > 0.998
