@@ -7,7 +7,7 @@ black on yellow = 2; on a terminal without NO_COLOR); notes and stats go to stde
     python generate.py --policy standard --greedy "..."   # the same weights, never iterating
     python generate.py                                    # interactive chat (Ctrl-D or 'exit')
     python generate.py --model runs/toy/tah --greedy --html trace.html \\
-        "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 2: A"  # then open trace.html in a browser
+        "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 1: B J 2: A"  # open trace.html in a browser
     python generate.py --eval gsm8k.jsonl --batch-size 16 # the authors' protocol; see README
     python generate.py --model runs/toy/tah --eval tests/fixtures/toy-eval.jsonl --greedy
 """
