@@ -1,15 +1,18 @@
 """Generate with a TaH model and watch which tokens think twice.
 
-The answer streams to stdout, each piece highlighted by the passes that predicted it (plain = 1, black on
-yellow = 2; on a terminal without NO_COLOR); the legend, notes and stats (tokens/s, % iterated) go to stderr.
+The answer streams to stdout, each piece highlighted by the passes that predicted it (plain = 1,
+black on yellow = 2; on a terminal without NO_COLOR); notes and stats go to stderr.
 
     python generate.py "What is 17 * 24?"                 # the released TaH+ 1.7B from the hub
-    python generate.py --model runs/toy/tah --greedy "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 2: A"
     python generate.py --policy standard --greedy "..."   # the same weights, never iterating
     python generate.py                                    # interactive chat (Ctrl-D or 'exit')
-    python generate.py --eval gsm8k.jsonl --greedy --batch-size 16 --max-new-tokens 4096
+    python generate.py --model runs/toy/tah --greedy --html trace.html \\
+        "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 1: B J 2: A"  # open trace.html in a browser
+    python generate.py --eval gsm8k.jsonl --batch-size 16 # the authors' protocol; see README
+    python generate.py --model runs/toy/tah --eval tests/fixtures/toy-eval.jsonl --greedy
 """
 import argparse
+import html
 import json
 import math
 import os
@@ -23,16 +26,19 @@ import tah
 
 HIGHLIGHT = {2: "\033[30;43m", 3: "\033[97;41m"}  # passes -> ANSI style (3 stands for 3 or more)
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+EVAL_THRESHOLD = 0.9  # the decider threshold of the authors' evaluation (training uses 0.8)
 
 
 def paint(text: str, passes: int, color: bool) -> str:
-    """ANSI-highlights text by passes, line by line, so no background colour spills past a newline."""
+    """ANSI-highlights text by passes, line by line: no background colour spills past a newline."""
     style = HIGHLIGHT.get(min(passes, 3), "") if color else ""
     return "\n".join(f"{style}{s}\033[0m" if style and s else s for s in text.split("\n"))
 
 
-def prompt_ids(tok: tah.Tokenizer, messages: list[dict], args: argparse.Namespace) -> list[int]:
-    return tok.encode(messages[-1]["content"] if args.raw else tok.chat(messages, enable_thinking=not args.no_think))
+def prompt_ids(tok: tah.Tokenizer, messages: list[dict], raw: bool, think: bool) -> list[int]:
+    """The chat format of the messages, or with raw the last message's text alone."""
+    text = messages[-1]["content"] if raw else tok.chat(messages, enable_thinking=think)
+    return tok.encode(text)
 
 
 def stats(passes: list[int], seconds: float, policy: str) -> str:
@@ -40,31 +46,33 @@ def stats(passes: list[int], seconds: float, policy: str) -> str:
             f"{sum(p > 1 for p in passes) / max(len(passes), 1):.1%} iterated (policy {policy})")
 
 
-def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color: bool = False) -> tuple:
-    """Generates from prompt ids (gen: tah.generate's keyword arguments), printing the text as it comes, then
-    the stats line; Ctrl-C ends early. Returns the tokens (without the stop token) and their passes."""
+def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color: bool = False,
+           trace: list | None = None) -> tuple[list[int], list[int]]:
+    """Generates from prompt ids (gen: tah.generate's keyword arguments), printing the text as it
+    comes, then the stats line; Ctrl-C ends early. Returns the tokens (without the stop token) and
+    their passes. A `trace` list receives tah.generate's per-forward numbers."""
     if not ids:
         raise ValueError("the prompt is empty; give some text")
     tokens, passes, shown, k, t0 = [], [], "", 0, time.perf_counter()  # tokens[k:] not yet shown
     try:
-        for t, p in tah.generate(model, ids, **gen):
+        for t, p in tah.generate(model, ids, **gen, **({} if trace is None else {"trace": trace})):
             if int(t) in gen["stop_ids"]:
                 break
             tokens.append(int(t))
             passes.append(int(p))
-            # decode all so far (tokens may join with spaces); a split character is U+FFFD until complete
+            # decode all so far (tokens may join with spaces); a split character is U+FFFD for now
             text = tok.decode(tokens).rstrip("\ufffd")
             if len(text) > len(shown):
                 print(paint(text[len(shown):], max(passes[k:]), color), end="", flush=True)
                 shown, k = text, len(tokens)
     except KeyboardInterrupt:
         print(" [stopped]", end="", file=sys.stderr)
-    print(paint(tok.decode(tokens)[len(shown):], max(passes[k:], default=1), color))  # bytes left over
+    print(paint(tok.decode(tokens)[len(shown):], max(passes[k:], default=1), color))  # the rest
     print(stats(passes, time.perf_counter() - t0, gen["policy"]), file=sys.stderr)
     return tokens, passes
 
 
-def chat(model: tah.TaH, tok: tah.Tokenizer, history: list, gen: dict, args: argparse.Namespace, color: bool):
+def chat(model, tok, history: list, gen: dict, raw: bool, think: bool, color: bool) -> None:
     """Multi-turn chat. The history keeps each answer as generated (the chat format then drops the
     <think> blocks of earlier turns); a raw prompt is the last line alone."""
     print("chat: Ctrl-D or 'exit' leaves; Ctrl-C stops an answer", file=sys.stderr)
@@ -77,10 +85,66 @@ def chat(model: tah.TaH, tok: tah.Tokenizer, history: list, gen: dict, args: arg
             return
         messages = history + [{"role": "user", "content": line}]
         try:
-            tokens, _ = stream(model, tok, prompt_ids(tok, messages, args), gen, color)
+            tokens, _ = stream(model, tok, prompt_ids(tok, messages, raw, think), gen, color)
             history = messages + [{"role": "assistant", "content": tok.decode(tokens)}]
         except ValueError as e:  # an empty line, or a conversation longer than the context
             print(f"error: {e}", file=sys.stderr)
+
+
+TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"),  # the trace's top-5 lists, by heading
+        "final (+ pass 2)": ("final_ids", "final_probs"),
+        "soft token mixed": ("soft_ids", "soft_weights")}
+LEGEND = ("Each token is coloured by the passes of the position that predicted it (grey 1, yellow"
+          " 2, red 3+); the bar under it is that position's decider probability, the tick the "
+          "threshold. Hover over or click a token.")
+PAGE = """<!doctype html><meta charset="utf-8"><title>TaH trace</title><style>
+body{font:15px/2.4 monospace;margin:1.5em;max-width:72em} h1{font-size:15px} h2{font-size:14px;
+border-top:2px solid #888;margin:1em 0 0} .t{position:relative;padding:1px 3px 5px;margin:1px;
+white-space:pre;background:#e4e4e4;cursor:pointer} .p2{background:#fd4} .p3{background:#d33;
+color:#fff} .t b{position:absolute;left:0;bottom:0;height:3px;background:#25c}
+.t[data-prob]::after{content:"";position:absolute;left:var(--thr);bottom:0;height:7px;
+border-left:1px solid #000} #info{position:sticky;top:0;background:#f4f4ff;padding:.5em;
+line-height:1.3;border:1px solid #99c}</style>"""
+SCRIPT = """<script>
+const info = document.getElementById("info");
+function show(e) {
+  const t = e.target?.closest(".t[data-top]"); if (!t) return;
+  const line = ([, w, p]) => (100 * p).toFixed(1).padStart(5) + "% " + JSON.stringify(w);
+  const cols = Object.entries(JSON.parse(t.dataset.top)).map(
+    ([name, rows]) => [name, ...rows.map(line)].map(s => s.padEnd(28)));
+  info.textContent = `token ${JSON.stringify(t.textContent)}: predicted with ` +
+    `${t.dataset.passes} passes, decider probability ${t.dataset.prob} ` +
+    `(threshold ${document.body.dataset.threshold})\\n\\n` +
+    cols[0].map((_, r) => cols.map(c => c[r]).join(" ")).join("\\n");
+}
+document.onmouseover = show; document.onclick = show;
+show({target: document.querySelector("#answer .t")});
+</script>"""
+
+
+def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], trace: list,
+               header: str, threshold: float) -> None:
+    """One self-contained page of the prompt and the answer: each token coloured by the passes of
+    the position that predicted it, with a bar for that position's decider probability (the tick
+    is the threshold); hover or click shows its top-5 lists. trace: tah.generate's, batch of one."""
+    at = {k: torch.cat([step[k] for step in trace], 1)[0].tolist() for k in trace[0]}  # row 0
+
+    def span(i: int, t: int) -> str:  # token i of prompt + tokens, predicted by position i - 1
+        text, j = html.escape(tok.decode([t])), i - 1
+        if i == 0:
+            return f'<span class="t">{text}</span>'
+        p, q = at["passes"][j], at["prob"][j]
+        top = {name: [[w, tok.decode([w]), round(x, 4)] for w, x in zip(at[ws][j], at[xs][j])]
+               for name, (ws, xs) in TOPS.items()}
+        bar = "" if math.isnan(q) else f'<b style="width:{q:.1%}"></b>'
+        return (f'<span class="t p{min(p, 3)}" data-passes="{p}" data-prob="{q:.4f}" '
+                f'data-top="{html.escape(json.dumps(top))}">{text}{bar}</span>')
+    spans = [span(i, t) for i, t in enumerate(prompt + tokens)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}" data-threshold="{threshold:g}">'
+                f'<h1>{html.escape(header)}</h1><p>{LEGEND}</p><pre id="info"></pre>'
+                f'<h2>prompt</h2><div>{"".join(spans[:len(prompt)])}</div><h2>answer</h2>'
+                f'<div id="answer">{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
 
 
 def read_jsonl(path: str) -> list[tuple[str, str]]:
@@ -91,12 +155,12 @@ def read_jsonl(path: str) -> list[tuple[str, str]]:
             try:
                 if line.strip():
                     r = json.loads(line)
-                    rows.append((str(r["question"]), str(r["answer"]).split("####")[-1]))
+                    rows.append((str(r["question"]), str(r["answer"]).split("####")[-1].strip()))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{i}: expected a JSON object with 'question' and 'answer' "
                                  f"({type(e).__name__}: {e}); fix or delete that line") from None
     if not rows:
-        raise ValueError(f"{path} holds no questions")
+        raise ValueError(f"{path} holds no questions; give a JSONL file with one per line")
     return rows
 
 
@@ -110,6 +174,12 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def extract(reply: str) -> str | None:
+    """A reply's answer: its last \\boxed{}, else its first word (the toy's one-letter replies)."""
+    boxed = last_boxed(reply)
+    return boxed if boxed is not None else (reply.split() or [None])[0]
+
+
 def normalize(s: str) -> str:
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)  # \\text{B} -> B
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # 1,234 -> 1234, but the list 1,2 stays
@@ -117,7 +187,7 @@ def normalize(s: str) -> str:
 
 
 def is_correct(pred: str | None, answer: str) -> bool:
-    """normalize()d answers compared as numbers when both parse as numbers, else as text."""
+    """Exact match: normalize()d answers compared as numbers when both parse, else as text."""
     if pred is None:
         return False
     a, b = normalize(pred), normalize(answer)
@@ -127,83 +197,159 @@ def is_correct(pred: str | None, answer: str) -> bool:
         return a == b
 
 
-def evaluate(model: tah.TaH, tok: tah.Tokenizer, rows: list, gen: dict, args: argparse.Namespace) -> str:
-    """Answers the (question, answer) rows in left-padded batches, printing progress; returns the summary."""
+def scorer() -> tuple[str, callable]:
+    """math-verify (the authors' scorer) when installed, else exact match: (name, judge)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return "exact-match", is_correct
+    return "math-verify", lambda pred, answer: pred is not None and verify(
+        parse(f"${answer.strip('$')}$"), parse(f"${pred.strip('$')}$"))
+
+
+def evaluate(model, tok, rows: list, gen: dict, *, batch_size: int, raw: bool, think: bool,
+             instruction: str | None, judge) -> str:
+    """Answers the (question, answer) rows in left-padded batches, printing progress; returns the
+    summary. The prompt is the bare question (the authors' protocol) unless given an instruction."""
     right, passes, t0 = 0, [], time.perf_counter()
-    for b in range(0, len(rows), args.batch_size):
-        batch = rows[b:b + args.batch_size]
-        prompts = [prompt_ids(tok, [{"role": "user", "content": f"{q}\n{INSTRUCTION}"}], args) for q, _ in batch]
-        ids = torch.tensor([[-1] * (max(map(len, prompts)) - len(p)) + p for p in prompts])  # (B, T); -1 = pad
-        steps = zip(*tah.generate(model, ids.clamp(min=0), valid=ids >= 0, **gen))  # tokens, passes: (B,) each
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        prompts = [prompt_ids(tok, [{"role": "user", "content": f"{q}\n{instruction}" if instruction
+                                     else q}], raw, think) for q, _ in batch]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[-1] * (width - len(p)) + p for p in prompts])  # (B, T); -1 = padding
+        steps = zip(*tah.generate(model, ids.clamp(min=0), valid=ids >= 0, **gen))  # tokens, passes
         for toks, iters, (_, answer) in zip(*(torch.stack(s, 1).tolist() for s in steps), batch):
-            end = next((i for i, t in enumerate(toks) if t in gen["stop_ids"]), len(toks))  # its first stop
-            right += is_correct(last_boxed(tok.decode(toks[:end])), answer)
+            end = next((i for i, t in enumerate(toks) if t in gen["stop_ids"]), len(toks))
+            right += bool(judge(extract(tok.decode(toks[:end])), answer))
             passes += iters[:end]
         n = b + len(batch)
-        summary = f"accuracy {right}/{n} = {right / n:.1%} | {stats(passes, time.perf_counter() - t0, gen['policy'])}"
+        summary = (f"accuracy {right}/{n} = {right / n:.1%} | "
+                   f"{stats(passes, time.perf_counter() - t0, gen['policy'])}")
         print(f"[{n}/{len(rows)}] {summary}", file=sys.stderr)
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (0 done, 1 a user error, 130 interrupted)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="the prompt; without one (and without --eval) a chat starts")
-    p.add_argument("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint directory")
-    p.add_argument("--system", help="system message (chat format only)")
-    p.add_argument("--no-think", action="store_true", help="turn Qwen3's thinking off (empty <think> block)")
-    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
-    p.add_argument("--policy", choices=["decider", "standard", "always"],
-                   help="who gets pass 2: the decider (default if the model has one), nobody, everybody")
-    p.add_argument("--threshold", type=float, help="decider threshold (default: the checkpoint's)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest tokens (0 = all)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top one")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="stop after this many (paper: 4096)")
-    p.add_argument("--seed", type=int, help="seed for sampling, for reproducible answers")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="bfloat16 on a GPU, else float32")
-    p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour by passes")
-    p.add_argument("--no-color", dest="color", action="store_const", const="never", help="same as --color never")
-    p.add_argument("--eval", metavar="FILE", help="score \\boxed{} answers to JSONL questions")
-    p.add_argument("--batch-size", type=int, default=1, help="--eval: questions generated together")
-    args = p.parse_args(argv)
-    if args.top_k < 0 or not 0 <= args.min_p < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--top-k must be >= 0, --min-p in [0, 1), --max-new-tokens and --batch-size >= 1")
-    device = args.device or tah.default_device()
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of the usage block
+        raise ValueError(f"{message}; see python generate.py --help")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked before anything loads (ValueError: what was wrong, what to do)."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("prompt", nargs="?", help="the prompt; without one (and without --eval) a chat starts")
+    add("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint directory")
+    add("--system", help="system message (chat format only)")
+    add("--no-think", action="store_true", help="turn Qwen3's thinking off (empty <think> block)")
+    add("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
+    add("--policy", choices=["decider", "standard", "always"],
+        help="who gets pass 2: the decider (default if the model has one), nobody, everybody")
+    add("--threshold", type=float,
+        help=f"decider threshold (default: the checkpoint's; {EVAL_THRESHOLD} with --eval)")
+    add("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    add("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    add("--top-k", type=int, default=20, help="sample among the k likeliest tokens (0 = all)")
+    add("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top one")
+    add("--greedy", action="store_true", help="always take the most likely token")
+    add("--max-new-tokens", type=int, help="stop after this many (default 1024; 4096 with --eval)")
+    add("--seed", type=int, help="seed for sampling, for reproducible answers")
+    add("--device", help="cuda, mps or cpu (default: the first available, in that order)")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="bf16 on a GPU, else fp32")
+    add("--color", choices=["auto", "always", "never"], default="auto", help="colour by passes")
+    add("--no-color", dest="color", action="store_const", const="never", help="--color never")
+    add("--html", metavar="FILE", help="also write the trace of one prompt as a web page")
+    add("--eval", metavar="FILE", help="score JSONL {question, answer} rows: a reply's last "
+        "\\boxed{} (else its first word) against the answer, by math-verify if installed")
+    add("--instruction", nargs="?", const=INSTRUCTION, metavar="TEXT", help="--eval: append TEXT "
+        f"to each question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
+    add("--batch-size", type=int, default=1, help="--eval: questions generated together")
+    a = p.parse_args(argv)
+    for ok, what in [(a.temperature >= 0, f"--temperature is {a.temperature}; give 0 or more"),
+                     (0 < a.top_p <= 1, f"--top-p is {a.top_p}; give a mass in (0, 1]"),
+                     (a.top_k >= 0, f"--top-k is {a.top_k}; give 0 (all) or more"),
+                     (0 <= a.min_p < 1, f"--min-p is {a.min_p}; give a value in [0, 1)"),
+                     (a.threshold is None or 0 <= a.threshold <= 1,
+                      f"--threshold is {a.threshold}; give a probability in [0, 1]"),
+                     ((a.max_new_tokens is None or a.max_new_tokens >= 1) and a.batch_size >= 1,
+                      "--max-new-tokens and --batch-size must be at least 1; give 1 or more"),
+                     (not a.html or (a.prompt is not None and not a.eval),
+                      "--html traces one prompt; give a prompt and no --eval"),
+                     (not a.eval or os.path.isfile(a.eval), f"no file {a.eval}; check --eval")]:
+        if not ok:
+            raise ValueError(what)
+    try:  # a device this machine lacks fails now, not after the download
+        torch.empty(0, device=a.device)
+    except (RuntimeError, AssertionError) as e:
+        why = str(e).splitlines()[0].split(". ")[0]  # torch's first sentence
+        raise ValueError(f"--device {a.device} is not usable here ({why}); "
+                         "leave --device out to take the first available") from None
+    try:  # a page that cannot be written fails before generation, not after
+        if a.html:
+            open(a.html, "a").close()
+    except OSError as e:
+        raise ValueError(f"cannot write --html {a.html} ({e.strerror}); give a writable path") \
+            from None
+    return a
+
+
+def run(a: argparse.Namespace) -> int:
+    """Loads the model and generates: one prompt, the eval rows, or a chat."""
+    rows = read_jsonl(a.eval) if a.eval else None
+    path = tah.resolve(a.model)
+    device = a.device or tah.default_device()
+    model = tah.load(path, device, getattr(torch, a.dtype) if a.dtype else None)
+    tok = tah.load_tokenizer(path)
+    if not tok.has_chat and not a.raw:
+        print("note: this tokenizer has no chat tokens, so prompts go in raw", file=sys.stderr)
+    if model.decider is None and a.policy is None:
+        print("note: this model has no decider, so it runs as plain Qwen3 (policy standard)",
+              file=sys.stderr)
+    raw, think = a.raw or not tok.has_chat, not a.no_think
+    policy = a.policy or ("standard" if model.decider is None else "decider")
+    threshold = a.threshold
+    if threshold is None:  # the authors evaluate at 0.9; otherwise the checkpoint's own
+        threshold = EVAL_THRESHOLD if rows else model.tah.threshold
+    rng = None if a.seed is None else torch.Generator(device).manual_seed(a.seed)
+    gen = dict(max_new_tokens=a.max_new_tokens or (4096 if rows else 1024), policy=policy,
+               stop_ids=tok.stop_ids, threshold=threshold, generator=rng, top_k=a.top_k,
+               temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p, min_p=a.min_p)
     tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    color = args.color == "always" or (args.color == "auto" and tty)
-    try:  # user errors (no such model, offline, bad JSONL, prompt too long) say what to do, in one line
-        rows = read_jsonl(args.eval) if args.eval else None
-        path = tah.resolve(args.model)
-        model = tah.load(path, device, getattr(torch, args.dtype) if args.dtype else None)
-        tok = tah.load_tokenizer(path)
-        if not tok.has_chat and not args.raw:
-            print("note: this tokenizer has no chat tokens, so prompts go in as raw text", file=sys.stderr)
-        if model.decider is None and args.policy is None:
-            print("note: this model has no decider, so it runs as plain Qwen3 (policy standard)", file=sys.stderr)
-        args.raw = args.raw or not tok.has_chat
-        policy = args.policy or ("standard" if model.decider is None else "decider")
-        rng = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
-        gen = dict(max_new_tokens=args.max_new_tokens, policy=policy, stop_ids=tok.stop_ids, threshold=args.threshold,
-                   temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   min_p=args.min_p, generator=rng)
-        if color and not rows:
-            print("colours: " + ", ".join(paint(f"{d} pass" + "es" * (d > 1), d, True)
-                                          for d in range(1, model.tah.max_iter + 1)), file=sys.stderr)
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        if rows:
-            print(evaluate(model, tok, rows, gen, args))
-        elif args.prompt is not None:
-            stream(model, tok, prompt_ids(tok, system + [{"role": "user", "content": args.prompt}], args), gen, color)
-        else:
-            chat(model, tok, system, gen, args, color)
-        return 0
-    except (OSError, ValueError) as e:
+    color = a.color == "always" or (a.color == "auto" and tty)
+    if color and not rows:
+        print("colours: " + ", ".join(paint(f"{d} pass" + "es" * (d > 1), d, True)
+                                      for d in range(1, model.tah.max_iter + 1)), file=sys.stderr)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    if rows:
+        name, judge = scorer()
+        print(f"note: scoring with {name}" + " (pip install '.[eval]' for math-verify, the "
+              "authors' scorer)" * (name != "math-verify"), file=sys.stderr)
+        summary = evaluate(model, tok, rows, gen, batch_size=a.batch_size, raw=raw, think=think,
+                           instruction=a.instruction, judge=judge)
+        print(f"{a.eval}: {summary} | scorer {name} | threshold {threshold:g} | "
+              f"max {gen['max_new_tokens']} new tokens")
+    elif a.prompt is not None:
+        ids = prompt_ids(tok, messages + [{"role": "user", "content": a.prompt}], raw, think)
+        trace, t0 = ([] if a.html else None), time.perf_counter()
+        tokens, passes = stream(model, tok, ids, gen, color, trace)
+        if a.html:
+            header = f"{a.model} | {stats(passes, time.perf_counter() - t0, policy)} | " \
+                     f"threshold {threshold:g}"
+            write_html(a.html, tok, ids, tokens, trace, header, threshold)
+            print(f"wrote {a.html}", file=sys.stderr)
+    else:
+        chat(model, tok, messages, gen, raw, think, color)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (0 done, 2 a user error, 130 interrupted)."""
+    try:
+        return run(parse_args(argv))
+    except (OSError, ValueError) as e:  # what a user can fix, in one line; bugs keep a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         return 130
 
