@@ -102,13 +102,15 @@ CE_CHUNK = 1024
 
 def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens: int,
                       micro_batch: int, dtype: torch.dtype) -> int:
+    """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens."""
     with torch.device("meta"):
         params = sum(p.numel() for p in tah.TaH(config, tah_config).parameters())
     unit = torch.finfo(dtype).bits // 8
     per_token = ACT_PER_LAYER_HIDDEN * config.num_hidden_layers * config.hidden_size + \
         ACT_PER_VOCAB * config.vocab_size
     ce = 2 * 4 * micro_batch * min(tokens, CE_CHUNK) * config.vocab_size
-    return int(params * (BYTES_PER_PARAM + unit % 4) + tokens * micro_batch * per_token * unit + ce)
+    copy = unit if unit < 4 else 0  # autocast's copy of each weight, in a 16-bit dtype
+    return int(params * (BYTES_PER_PARAM + copy) + tokens * micro_batch * per_token * unit + ce)
 
 def fail(message) -> None:
     """A mistake the user can mend: one line `error: what was wrong; what to do`, exit code 2."""
@@ -312,7 +314,8 @@ def compute_labels(run, reference, data: dict, rows) -> torch.Tensor:
                 run.log(f"labels: {i + bs}/{len(rows)} rows, "
                         f"ETA {(len(rows) - i) * (time.time() - t0) / (i + bs) / 60:.1f} min")
         run.write(path.name, dict(labels=labels))
-        hard, scored = (int(x[data["target"] > 0].sum()) for x in (labels == 2, labels > 0))
+        hard = int((labels == 2).sum())
+        scored = sum(int((data["target"][a:e] > 0).sum()) for a, e in spans(data, rows))
         run.log(f"labels: {hard} of {scored} scored tokens are hard ({hard / scored:.1%})")
     run.barrier()
     return load_file(path)["labels"]
@@ -396,8 +399,10 @@ class Run:
             tmp = self.out / f".{name}.tmp"
             if name.endswith(".safetensors"):
                 tmp.write_bytes(safetensors_bytes(obj))
+            elif name.endswith(".pt"):
+                torch.save(obj, tmp)
             else:
-                torch.save(obj, tmp) if name.endswith(".pt") else tmp.write_text(obj)
+                tmp.write_text(obj)
             os.replace(tmp, self.out / name)
 
 def load_model(run, path, parts: tah.TaHConfig | None = None):
@@ -747,13 +752,17 @@ def many_seeds(a) -> dict:
                                                      for k in names))
     return summary
 
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # the default after each help, unless None or False
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--size", default="toy")
     pre.error = fail
     size = pre.parse_known_args(argv)[0].size
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=type("Help", (
-        argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.error = lambda msg: fail(f"{msg}; see python train.py --help")
     add = p.add_argument
     add("--size", choices=list(SIZES), help="toy (CPU, minutes), 0.6b (a 24 GB GPU), 1.7b (more)")
@@ -761,8 +770,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--reference", default="Qwen/Qwen3-0.6B", help="frozen model whose greedy misses are hard")
     add("--data", help="JSONL of {question, generation} or {messages} lines (default OpenR1-Math)")
     add("--out", help="directory every stage writes to")
-    add("--max-len", type=int, default=4096, help="rows longer than this are cut (or dropped)")
-    add("--long-rows", choices=["truncate", "drop"], default="truncate", help="so, those rows")
+    add("--max-len", type=int, default=4096, help="tokens a row may have (see --long-rows)")
+    add("--long-rows", choices=["truncate", "drop"], default="truncate", help="rows over --max-len")
     add("--easy-rows", choices=["drop", "keep"], default="drop", help="rows with no hard token")
     add("--samples", type=int, default=12800, help="train on this many rows (0 = all ~94k)")
     add("--epochs", type=float, default=1, help="stage-1 epochs over --samples (authors 5)")

@@ -102,6 +102,7 @@ def test_toy_pipeline(toy):
     pred_pos = F.pad(data["target"][rows][:, 1:], (0, 1)) > 0
     assert res["tah"]["oracle"]["iterating"] == pytest.approx(float((labels[rows] == 2)[pred_pos].float().mean()), abs=1e-4)
     assert not ((labels == 2) & ~F.pad(data["target"][1:] > 0, (0, 1))).any()  # only there
+    assert f"labels: {int((labels == 2).sum())} of " in (out / "train.log").read_text() and (labels == 2).any()
     # stage 2 trained the decider alone: backbone and LoRA bitwise those of stage 1
     s1, final = tensors(out / "stage1"), tensors(out / "tah")
     assert same(s1, {k: v for k, v in final.items() if not k.startswith("decider")})
