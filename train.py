@@ -175,7 +175,8 @@ def choose_generation(problem: dict, n_tokens) -> str | None:
     (none, or the field missing or None) those llama marks correct; the shortest by n_tokens(texts);
     None if there is none or it has OPENR1_MAX_TOKENS tokens or more."""
     for field in ("correctness_math_verify", "correctness_llama"):
-        ok = [g for g, c in zip(problem.get("generations") or [], problem.get(field) or []) if c]
+        ok = [g for g, c in zip(problem.get("generations") or [], problem.get(field) or [])
+              if c and g]
         if ok:
             length, best = min(zip(n_tokens(ok), ok), key=lambda x: x[0])
             return best if length < OPENR1_MAX_TOKENS else None
@@ -468,13 +469,14 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
     model = make()
     model.grad_checkpointing = a.size != "toy" and model.decider is None  # not for a decider
     check_memory(run, name, model, data, rows)
-    norms = {p for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
+    # weight decay, as the authors' trainer: on every weight but biases and LayerNorms
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
              for p in m.parameters()}
-    no_decay = [p.requires_grad and (n.endswith("bias") or "layernorm" in n or p in norms)
-                for n, p in model.named_parameters()]  # as the authors' trainer
-    opt = torch.optim.AdamW([{"params": [p for p, e in zip(model.parameters(), no_decay)
-                                         if p.requires_grad and e == no], "weight_decay": wd}
-                             for no, wd in ((False, a.weight_decay), (True, 0.0))], lr=lr)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = [n.endswith("bias") or "layernorm" in n or id(p) in norms for n, p in trained]
+    opt = torch.optim.AdamW([{"params": [p for (_, p), e in zip(trained, exempt) if not e]},
+                             {"params": [p for (_, p), e in zip(trained, exempt) if e],
+                              "weight_decay": 0.0}], lr=lr, weight_decay=a.weight_decay)
     start = 0
     if a.resume and state_path.exists():  # whole tensors by name: any number of processes
         s = torch.load(state_path, map_location=run.device, weights_only=True)
@@ -572,10 +574,10 @@ def prune_choice(model, batches: list[dict], amp) -> tuple[int, float, list[floa
     decoder layer in turn; returns the layer whose removal raises it least (model given back)."""
     layers, L = model.model.layers, model.config.num_hidden_layers
 
-    def loss():
+    def loss():  # the mean over the batches of each one's loss per token
         with amp():
-            return sum(s.item() / n for s, n in (lm_loss(model, b, "standard") for b in batches)) \
-                / len(batches)
+            per_batch = [lm_loss(model, b, "standard") for b in batches]
+        return sum(s.item() / max(n, 1) for s, n in per_batch) / len(per_batch)
     base, losses = loss(), []
     try:
         for i in range(L):
@@ -842,6 +844,8 @@ def check_args(a) -> None:
                 and (device.index or 0) < torch.cuda.device_count()).get(device.type):
         fail(f"--device {a.device}: not on this machine; leave --device out to use "
              f"{tah.default_device()}")
+    if a.baseline and a.size == "toy":
+        fail("--baseline: the toy trains its baselines anyway; leave --baseline out")
     if a.data and not Path(a.data).is_file():
         fail(f"--data {a.data}: no such file; give a JSONL file, or leave --data out")
     layers = TOY_CONFIG.num_hidden_layers

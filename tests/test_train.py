@@ -357,7 +357,7 @@ def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_
         (["--size", "3b"], "invalid choice: '3b'"), (["--bogus"], "unrecognized arguments: --bogus"),
         (["--device", "cuda:7"], "--device cuda:7: not on this machine"),
         (["--device", "tpu"], "--device tpu: not a device"),
-        (["--lr", "0.1"], "other settings (lr)"),
+        (["--lr", "0.1"], "other settings (lr)"), (["--baseline"], "the toy trains its baselines anyway"),
         (real + ["--model", "/nonexistent/qwen"], "--model /nonexistent/qwen: not a Qwen3 checkpoint"),
         (real + ["--reference", str(tmp_path)], f"--reference {tmp_path}: not a Qwen3 checkpoint"),
         (real + ["--model", str(no_chat)], "has no <|im_start|>/<|im_end|> tokens"),
