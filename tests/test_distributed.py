@@ -1,6 +1,6 @@
-"""train.py under torchrun on a CPU (gloo): two processes, data-parallel or sharded (FSDP2), take the steps one
-process takes on the same global batch; their checkpoints load on one device and generate; a run interrupted
-on two processes resumes on one. Each torchrun starts two Python processes (~10 s here)."""
+"""train.py under torchrun on a CPU (gloo): two data-parallel processes take the steps one process takes on
+the same global batch; their checkpoints load on one device and generate; a run interrupted on two processes
+resumes on one. Each torchrun starts two Python processes (~10 s here)."""
 import os
 import re
 import subprocess
@@ -25,10 +25,11 @@ STAGES = ["standard", "stage1", "tah", "standard-long", "always"]
 WEIGHT_ATOL, LOSS_ATOL = 3e-4, 2e-4
 
 
-def torchrun(out, *flags: str) -> subprocess.CompletedProcess:
+def torchrun(out, **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *TOY, "--out", str(out), *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+           str(ROOT / "train.py"), *TOY, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
 
 
 def losses(out) -> dict:
@@ -63,12 +64,11 @@ def one(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("flags", [[], ["--shard"]], ids=["data-parallel", "sharded"])
-def test_two_processes_take_the_steps_of_one(one, tmp_path, flags):
-    r = torchrun(tmp_path, *flags)
+def test_two_processes_take_the_steps_of_one(one, tmp_path):
+    r = torchrun(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "train.log").read_text()
-    assert "(device cpu, 2 processes)" in log and log.count("standard step 1/6 ") == 1  # rank 0 alone logs
+    assert "(device cpu, processes 2)" in log and log.count("standard step 1/6 ") == 1  # rank 0 alone logs
     assert_same_run(tmp_path, one)
     # the checkpoint loads on one device and generates what the one-process model generates
     data = load_file(one / "data.safetensors")
@@ -85,8 +85,8 @@ def test_two_processes_take_the_steps_of_one(one, tmp_path, flags):
         assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~umask, f  # not owner-only
 
 
-def test_interrupted_on_two_sharded_processes_resumes_on_one(one, tmp_path):
-    r = torchrun(tmp_path, "--shard", "--stop-after", "8")  # 6 Standard steps, then 2 of stage 1
+def test_interrupted_on_two_processes_resumes_on_one(one, tmp_path):
+    r = torchrun(tmp_path, TRAIN_STOP_AFTER="8")  # 6 Standard steps, then 2 of stage 1
     assert r.returncode != 0 and (tmp_path / "stage1.state.pt").exists() and not (tmp_path / "stage1").exists()
     assert "stage1: interrupted after step 2" in (tmp_path / "train.log").read_text()
     n = torch.get_num_threads()
@@ -95,7 +95,3 @@ def test_interrupted_on_two_sharded_processes_resumes_on_one(one, tmp_path):
     assert "stage1: resuming at step 2/6" in (tmp_path / "train.log").read_text()
     assert_same_run(tmp_path, one)
 
-
-def test_shard_needs_torchrun(tmp_path):
-    with pytest.raises(SystemExit, match="torchrun"):
-        train.main(TOY + ["--out", str(tmp_path), "--shard"])

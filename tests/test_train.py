@@ -1,11 +1,15 @@
 """train.py, CPU and offline: the toy pipeline, the 0.6b code path on local stand-ins, oracle labels,
-pruning, bitwise resume, bad data and NaN handling. Runs train.main() in-process with tiny step counts."""
+data selection, the stage-2 loss, pruning, bitwise resume, one-line errors, bad data and NaN handling,
+several seeds. Runs train.main() in-process with tiny step counts."""
 import contextlib
 import json
+import math
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,6 +102,7 @@ def test_toy_pipeline(toy):
     pred_pos = F.pad(data["target"][rows][:, 1:], (0, 1)) > 0
     assert res["tah"]["oracle"]["iterating"] == pytest.approx(float((labels[rows] == 2)[pred_pos].float().mean()), abs=1e-4)
     assert not ((labels == 2) & ~F.pad(data["target"][1:] > 0, (0, 1))).any()  # only there
+    assert f"labels: {int((labels == 2).sum())} of " in (out / "train.log").read_text() and (labels == 2).any()
     # stage 2 trained the decider alone: backbone and LoRA bitwise those of stage 1
     s1, final = tensors(out / "stage1"), tensors(out / "tah")
     assert same(s1, {k: v for k, v in final.items() if not k.startswith("decider")})
@@ -107,17 +112,28 @@ def test_toy_pipeline(toy):
     assert tok.encode("A>C B>J | 2: A") == [train.PAIR + 2, train.PAIR + 19, train.SEP, train.HOP1 + 1, train.LETTER]
     log = (out / "train.log").read_text()
     assert "tok/s" in log and "ETA" in log and "bitwise unchanged" in log and "2-hop" in log
+    assert "grad norm" in log and "stage1: clipped (gradient norm over --clip 1.0) in" in log
+    # the closing words: the fixed/broken table, the verdict and a generate.py command that names the model
+    assert "fixed 1-hop broken 1-hop" in log and "TaH with its decider gets" in log
+    assert f"python generate.py --model {out / 'tah'} --greedy --max-new-tokens 1 '" in log
+    for name, policy in [("tah", "always"), ("tah", "decider"), ("always", "always")]:
+        r = res[name][policy]
+        assert f"{name:14} {policy:9}" + "".join(f"{r[k]:12d}" for k in ("fixed_easy", "broken_easy",
+                                                                         "fixed_hard", "broken_hard")) in log
+    assert res["tah"]["standard"]["fixed"] == res["tah"]["standard"]["broken"] == 0  # pass 1 against itself
 
 
-def test_resume_is_bitwise(toy, tmp_path):
+def test_resume_is_bitwise(toy, tmp_path, monkeypatch, capsys):
     ref, _ = toy
     args = TOY + ["--out", str(tmp_path)]
     # interrupts after Standard step 3, stage-1 step 2, decider step 1 (its dropout masks come from the seed
-    # and the step), and after the last decider step (state saved, model not yet); --stop-after counts per process
+    # and the step), and after the last decider step (state saved, model not yet); the count is per process
     for stop in (3, 5, 5, 3):
+        monkeypatch.setenv("TRAIN_STOP_AFTER", str(stop))
         with pytest.raises(SystemExit) as e:
-            train.main(args + ["--stop-after", str(stop)])
+            train.main(args)
         assert e.value.code == 130
+    monkeypatch.delenv("TRAIN_STOP_AFTER")
     assert (tmp_path / "tah.state.pt").exists() and not (tmp_path / "tah").exists()
     train.main(args)
     for name in ("standard", "stage1", "tah", "standard-long", "always"):
@@ -125,8 +141,10 @@ def test_resume_is_bitwise(toy, tmp_path):
     assert (ref / "eval.json").read_text() == (tmp_path / "eval.json").read_text()
     log = (tmp_path / "train.log").read_text()
     assert all(f"{s}: resuming at step {k}" in log for s, k in [("standard", "3/6"), ("stage1", "2/6"), ("tah", "1/4"), ("tah", "4/4")])
-    with pytest.raises(SystemExit, match="other settings"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         train.main(args + ["--lr", "0.1"])
+    assert e.value.code == 2 and "other settings (lr)" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
@@ -138,8 +156,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
     assert e.value.code == 1 and "loss is nan at step 3" in (tmp_path / "train.log").read_text()
     assert int(torch.load(tmp_path / "standard.state.pt", weights_only=True)["step"]) == 2
     monkeypatch.undo()
+    monkeypatch.setenv("TRAIN_STOP_AFTER", "1")
     with pytest.raises(SystemExit):
-        train.main(args + ["--stop-after", "1"])
+        train.main(args)
     assert "standard: resuming at step 2/6" in (tmp_path / "train.log").read_text()
 
 
@@ -212,7 +231,8 @@ def test_real_size_path_on_local_stand_ins(tiny_qwen, tmp_path):
     res = train.main(args + ["--prune"])
     assert list(res["tah"]) == train.POLICIES and res["tah"]["always"]["iterating"] == 1
     log = (tmp_path / "train.log").read_text()
-    assert "20 examples kept, 1 dropped" in log and "tok/s on the longest rows" in log
+    assert "20 rows kept, 0 of them cut to --max-len 128; 1 dropped; 0 had no think block" in log
+    assert "prune: held-out loss" in log and "without layer 0: " in log
     removed = json.loads((tmp_path / "prune.json").read_text())["removed"]
     assert removed in (0, 1, 2) and tah.load(tmp_path / "tah").config.num_hidden_layers == 2
     # data: Qwen3's chat format, the response from <think> to <|im_end|>\n is the scored part
@@ -228,5 +248,152 @@ def test_real_size_path_on_local_stand_ins(tiny_qwen, tmp_path):
         hard = [s <= t < e - a - 1 and int(pred[t]) != int(ids[t + 1]) for t in range(e - a)]
         assert labels[a:e].tolist() == [2 if h else 1 for h in hard]
     res = train.main(args + ["--prune", "--baseline"])  # the Standard model on the same data, beside TaH
-    assert set(res) == {"tah", "baseline"} and list(res["baseline"]) == ["standard"]
-    assert tah.load(tmp_path / "baseline").config.num_hidden_layers == 3
+    assert set(res) == {"tah", "standard"} and list(res["standard"]) == ["standard"]
+    assert tah.load(tmp_path / "standard").config.num_hidden_layers == 3
+    res = train.main(args + ["--prune", "--baseline", "always"])  # AlwaysThink: every token, a LoRA
+    assert set(res) == {"tah", "standard", "always"} and res["always"]["always"]["iterating"] == 1
+    assert tah.load(tmp_path / "always").tah.lora_r == 16
+
+
+def test_long_rows_are_cut_or_dropped_and_counted():
+    tok = tah.load_tokenizer(FIXTURE)
+    rows = [([{"role": "user", "content": f"q{i}"}], "<think>\nstep\n</think>\n\n" * (i % 2) + "answer " * 40)
+            for i in range(6)]  # the even rows have no think block
+    rows += [([{"role": "user", "content": "long " * 200}], "<think>\nx\n</think>\n\nx")]  # the prompt fills it
+    rows += [([{"role": "user", "content": "q"}], "no think block"), ([{"role": "user", "content": "r"}],
+                                                                      "<think>\nok\n</think>\n\nfine")]
+    lens = [len(tok.encode(tok.chat(m + [{"role": "assistant", "content": r}], add_generation_prompt=False)))
+            for m, r in rows]
+    max_len = 60
+    assert sum(n > max_len for n in lens) == 7 and max(lens[-2:]) <= max_len
+    logs = []
+    cut = train.chat_data(iter(rows), tok, max_len, "truncate", SimpleNamespace(log=logs.append))
+    assert len(cut["start"]) == 8 and int(cut["offsets"][-1]) == 6 * max_len + lens[-2] + lens[-1]
+    assert "8 rows kept, 6 of them cut to --max-len 60; 1 dropped; 4 had no think block" in logs[-1]
+    dropped = train.chat_data(iter(rows), tok, max_len, "drop", SimpleNamespace(log=logs.append))
+    assert len(dropped["start"]) == 2 and "2 rows kept, 0 of them cut to --max-len 60; 7 dropped" in logs[-1]
+    # as Qwen3's template writes it: a response without a think block gets an empty one
+    ids = dropped["ids"][int(dropped["start"][0]):int(dropped["offsets"][1])].tolist()
+    assert tok.decode(ids) == "<think>\n\n</think>\n\nno think block<|im_end|>\n"
+
+
+def test_openr1_choice_falls_back_to_llama_and_takes_the_shortest_in_tokens():
+    words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731 (a tokenizer: one token a word)
+    gens = ["a b c d", "abcdefghijklmnop", "x y"]
+    choose = train.choose_generation
+    # the shortest by tokens, not by characters: "abcdefghijklmnop" is one token
+    assert choose({"generations": gens, "correctness_math_verify": [True, True, False]}, words) == gens[1]
+    # none verified by math_verify (all False, None entries, the field None or missing): llama's choice
+    for mv in ([False, False, False], [None, None, None], None):
+        assert choose({"generations": gens, "correctness_math_verify": mv,
+                       "correctness_llama": [True, False, True]}, words) == "x y"
+    assert choose({"generations": gens, "correctness_llama": [True, False, False]}, words) == gens[0]
+    for bad in ({}, {"generations": None, "correctness_math_verify": None, "correctness_llama": None},
+                {"generations": gens, "correctness_math_verify": [False] * 3, "correctness_llama": [None] * 3}):
+        assert choose(bad, words) is None
+    too_long = {"generations": ["w " * 8192, "w " * 8191], "correctness_math_verify": [True, False]}
+    assert choose(too_long, words) is None  # the chosen one has 8192 tokens: the problem is dropped
+    too_long["correctness_math_verify"] = [True, True]
+    assert choose(too_long, words) == "w " * 8191
+
+
+def test_decider_loss_weighs_every_row_the_same():
+    logit = torch.tensor([[0.0, 2.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    passes = torch.tensor([[1, 2, 1, 1], [2, 1, 1, 1]])
+    valid = torch.tensor([[True, True, True, False], [True, False, False, False]])  # 3 and 1 real tokens
+    model = lambda ids, policy, valid: SimpleNamespace(continue_logit=logit)  # noqa: E731
+    loss, rows = train.decider_loss(model, dict(ids=passes, passes=passes, valid=valid), pos_weight=2.0)
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731 softplus: BCE = pos_weight * sp(-z) if hard, sp(z) if not
+    row0 = (sp(0.0) + 2 * sp(-2.0) + sp(-1.0)) / 3
+    row1 = 2 * sp(-1.0)
+    assert rows == 2 and float(loss) == pytest.approx(row0 + row1, rel=1e-6)  # train_step divides by 2 rows
+    # a per-token mean would weigh the longer row 3 times as much
+    assert float(loss) / rows != pytest.approx((3 * row0 + row1) / 4, rel=1e-3)
+
+
+def test_summary_of_seeds_is_mean_and_range():
+    runs = [{"tah": {"decider": {"acc": a, "iterating": i}}} for a, i in [(0.5, 0.1), (0.8, 0.3), (0.9, 0.2)]]
+    s = train.summarize(runs)["tah"]["decider"]
+    assert s["acc"] == pytest.approx([2.2 / 3, 0.5, 0.9]) and s["iterating"] == pytest.approx([0.2, 0.1, 0.3])
+
+
+def test_seeds_run_each_seed_in_its_folder(tmp_path, capsys):
+    small = TOY[:]
+    small[small.index("--eval-samples") + 1] = "8"
+    summary = train.main(small + ["--out", str(tmp_path), "--seeds", "3", "4"])
+    res = [json.loads((tmp_path / f"seed-{s}" / "eval.json").read_text()) for s in (3, 4)]
+    assert res[0] != res[1] and summary == json.loads((tmp_path / "summary.json").read_text())
+    for k in ("acc", "acc_hard", "iterating_all"):
+        v = [r["tah"]["decider"][k] for r in res]
+        assert summary["tah"]["decider"][k] == pytest.approx([sum(v) / 2, min(v), max(v)])
+    printed, acc = capsys.readouterr().out, summary["tah"]["decider"]["acc"]
+    assert "seeds 3 4: mean [min, max]" in printed
+    assert f"\ntah            decider {acc[0]:8.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in printed
+
+
+def errors(argv, capsys) -> str:
+    """train.main(argv) must stop with exit code 2 and one line on stderr starting with `error:`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_path, capsys):
+    out, _ = toy
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    model = str(tiny_qwen / "qwen")
+    real = ["--size", "0.6b", "--model", model, "--reference", model, "--data", str(tiny_qwen / "data.jsonl")]
+    no_chat = tmp_path / "no-chat"  # a checkpoint whose tokenizer has no chat tokens: the toy's
+    tah.save(tah.load(out / "standard"), no_chat, tokenizer_dir=out / "tokenizer")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for argv, says in [
+        (["--lr", "-1"], "--lr -1.0: must be > 0"), (["--batch", "0"], "--batch 0: must be > 0"),
+        (["--threshold", "2"], "--threshold 2.0: out of range"), (["--steps", "-3"], "must be >= 0"),
+        (["--size", "3b"], "invalid choice: '3b'"), (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--device", "cuda:7"], "--device cuda:7: not on this machine"),
+        (["--device", "tpu"], "--device tpu: not a device"),
+        (["--lr", "0.1"], "other settings (lr)"), (["--baseline"], "the toy trains its baselines anyway"),
+        (real + ["--model", "/nonexistent/qwen"], "--model /nonexistent/qwen: not a Qwen3 checkpoint"),
+        (real + ["--reference", str(tmp_path)], f"--reference {tmp_path}: not a Qwen3 checkpoint"),
+        (real + ["--model", str(no_chat)], "has no <|im_start|>/<|im_end|> tokens"),
+        (real + ["--data", str(tmp_path / "none.jsonl")], "no such file"),
+        (real + ["--decider-layers", "0", "4"], "--decider-layers [0, 4]: indices must lie in 0..3"),
+    ]:
+        err = errors(TOY + argv + ["--out", str(out)] if "--out" not in argv else argv, capsys)
+        assert says in err, (argv, err)
+    assert "not a train.py run" in errors(TOY + ["--out", str(tmp_path / "other")], capsys)
+    assert "cannot create it" in errors(TOY + ["--out", str(tmp_path / "file" / "run")], capsys)
+    assert "not a train.py run" in errors(TOY + ["--out", str(tmp_path / "file")], capsys)
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # nothing touched
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "other").iterdir())) == 1
+    assert tah.load(out / "tah").decider is not None
+    # as a user sees it: a subprocess, no traceback
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--size", "0.6b", "--model", "/nonexistent",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --model /nonexistent") and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_bad_data_line_is_one_line_error(tiny_qwen, tmp_path, capsys):
+    model = str(tiny_qwen / "qwen")
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
+    err = errors(["--size", "0.6b", "--model", model, "--reference", model, "--data", str(tmp_path / "bad.jsonl"),
+                  "--decider-layers", "0", "--device", "cpu", "--out", str(tmp_path / "run")], capsys)
+    assert "bad.jsonl:1: bad line (KeyError: 'generation')" in err
+
+
+def test_peak_memory_estimate_adds_up():
+    config = tah.Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    parts = tah.TaHConfig(lora_r=4, lora_alpha=8)
+    n = sum(p.numel() for p in tah.TaH(config, parts).parameters())
+    per_token = train.ACT_PER_LAYER_HIDDEN * 2 * 64 + train.ACT_PER_VOCAB * 1000
+    bf16 = train.peak_memory_bytes(config, parts, tokens=2048, micro_batch=2, dtype=torch.bfloat16)
+    assert bf16 == int(n * 18 + 2048 * 2 * per_token * 2 + 8 * 2 * 1024 * 1000)
+    fp32 = train.peak_memory_bytes(config, parts, tokens=100, micro_batch=1, dtype=torch.float32)
+    assert fp32 == int(n * 16 + 100 * per_token * 4 + 8 * 100 * 1000)
