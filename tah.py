@@ -40,10 +40,11 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 
-SIZE = "a positive integer up to 2**20"  # bounded: products of sizes must not overflow int64
-WANTS = {  # what a value in a checkpoint's JSON must be -> its test (a bool is no number here)
+# What a value in a checkpoint's JSON must be -> its test (sizes bounded: products fit int64)
+SIZE, INTS = "a positive integer up to 2**20", "a list of integers in [0, 2**20]"
+WANTS = {
     SIZE: lambda v: type(v) is int and 0 < v <= 2**20,
-    "a list of integers in [0, 2**20]": lambda v: type(v) is list and v != [] and
+    INTS: lambda v: type(v) is list and v != [] and
         all(type(i) is int and 0 <= i <= 2**20 for i in v),
     "a positive number": lambda v: type(v) in (int, float) and 0 < v < math.inf,
     "a number in [0, 1]": lambda v: type(v) in (int, float) and 0 <= v <= 1,
@@ -53,19 +54,20 @@ WANTS = {  # what a value in a checkpoint's JSON must be -> its test (a bool is 
 }
 
 
-def _get(j: dict, key: str, want: str | None, where, default=...):
-    """j[key] ("a.b" looks inside the object j["a"]) if it is `want` (None: anything); `default`
-    where it is absent or null, an error where there is none. Every value read from a checkpoint's
-    JSON passes here, so a malformed file gets a ValueError that names the file and the key."""
+def _get(j: dict, key: str, want: str | None, where, default=..., most=None):
+    """j[key], or j["a"]["b"] for key "a.b", if it is `want` (None: anything) and at most `most`;
+    `default` if absent or null. Every value read from a checkpoint's JSON passes here."""
     *outer, last = key.split(".")
     for part in outer:
         j = _get(j, part, "an object", where, {})
     v = j.get(last)
     if v is None and default is not ...:
         return default
-    if want and not WANTS[want](v) or v is None:
-        raise ValueError(f"{where}: {key} must be {want}, got {'nothing' if v is None else repr(v)}; "
-                         "fix the file, or download or save the checkpoint again")
+    ok = v is not None and (not want or WANTS[want](v))
+    if not ok or most and max(v if type(v) is list else [v]) > most:
+        bound = f" and at most {most} (config.json)" if most else ""
+        raise ValueError(f"{where}: {key} must be {want}{bound}, got {v!r}; fix the file, or "
+                         "download or save the checkpoint again")
     return v
 
 
@@ -96,9 +98,9 @@ class Qwen3Config:
         if d.get("model_type", "qwen3") != "qwen3":
             raise ValueError(f"{where} has model_type={d['model_type']!r}; tah.py implements "
                              "only 'qwen3' (Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
-        rope = _get(d, "rope_parameters", "an object", where, {})  # newer transformers nest rope_theta here
-        if _get(d, "rope_scaling", "an object", where, {}).get("rope_type", "default") != "default" or \
-                rope.get("rope_type", "default") != "default":
+        rope = _get(d, "rope_parameters", "an object", where, {})  # newer: rope_theta in here
+        scaling = _get(d, "rope_scaling", "an object", where, {})
+        if {scaling.get("rope_type", "default"), rope.get("rope_type", "default")} != {"default"}:
             raise ValueError(f"{where} asks for scaled RoPE; tah.py implements only plain RoPE")
         if d.get("attention_bias") or d.get("use_sliding_window"):
             raise ValueError(f"{where} asks for attention biases or sliding windows; "
@@ -107,13 +109,13 @@ class Qwen3Config:
         kinds = {int: SIZE, float: "a positive number", bool: "true or false", str: "a string"}
         cfg = cls(**{f.name: _get(d, f.name, kinds.get(type(f.default)), where, f.default)
                      for f in fields(cls)})  # the token ids (default None) are kept as they are
-        if d.get("head_dim") is None:  # older configs: the usual split of hidden_size over the heads
+        if d.get("head_dim") is None:  # older configs: hidden_size split over the heads
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ValueError(f"{where}: num_attention_heads ({cfg.num_attention_heads}) must "
                              f"be a multiple of num_key_value_heads ({cfg.num_key_value_heads})")
         if cfg.head_dim % 2 or not cfg.head_dim:
-            raise ValueError(f"{where}: head_dim must be positive and even for RoPE, got {cfg.head_dim}")
+            raise ValueError(f"{where}: head_dim must be positive and even, got {cfg.head_dim}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -562,7 +564,8 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:  # not JSON, not UTF-8, a folder, unreadable
         raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
     if type(j) is not dict:
-        raise ValueError(f"{path} holds a JSON {type(j).__name__}, not an object; fix or re-download it")
+        raise ValueError(f"{path} holds a {type(j).__name__}, not a JSON object; fix or "
+                         "re-download it")
     return j
 
 
@@ -575,14 +578,11 @@ def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -
             with safe_open(str(f), framework="pt", device=str(device)) as st:
                 for k in st.keys():
                     t = st.get_tensor(k)
-                    out[k.removeprefix(prefix)] = t.to(dtype) if dtype and t.is_floating_point() else t
-        except Exception as e:  # safetensors checks the header against the file size and layout
-            raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
-                             "truncated or damaged: copy or download it again") from None
-        bad = [k for k, t in out.items() if not t.is_floating_point()]  # this file's, if any
-        if bad:
-            raise ValueError(f"{f}: tensor {bad[0]} is {out[bad[0]].dtype}; weights are floating "
-                             "point: the file is damaged or not a checkpoint, download it again")
+                    t = t.to(dtype or t.dtype) if t.is_floating_point() else t  # see `_match`
+                    out[k.removeprefix(prefix)] = t
+        except Exception as e:  # safetensors checks the header against the file's size and layout
+            raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                             "it is truncated or damaged: copy or download it again") from None
     return out
 
 
@@ -591,8 +591,7 @@ def _backbone_files(d: Path) -> list[Path]:
     if index.exists():
         shards = list(_get(_read_json(index), "weight_map", "an object", index).values())
         if not all(type(s) is str and s == Path(s).name for s in shards):
-            raise ValueError(f"{index}: weight_map must map tensor names to file names in {d}; "
-                             "fix or re-download it")
+            raise ValueError(f"{index}: weight_map must map tensors to file names in {d}; fix it")
         shards = sorted(set(shards))
         missing = [s for s in shards if not (d / s).exists()]
         if missing:
@@ -613,7 +612,7 @@ ACCEPTED = {  # older tah_config.json fields of the authors' code -> the values 
 }
 
 
-def tah_config_from_json(j: dict, config: Qwen3Config, where: str | os.PathLike = "tah_config.json") -> TaHConfig:
+def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") -> TaHConfig:
     """Reads a tah_config.json in the authors' schema (ours writes the same schema), checked
     against the backbone's `config`; `where` names the file in errors."""
     for key, ok in ACCEPTED.items():
@@ -629,8 +628,9 @@ def tah_config_from_json(j: dict, config: Qwen3Config, where: str | os.PathLike 
                          "softmax input; tah.py implements only the top-k soft token")
     if j.get("adapter") not in (None, "lora"):
         raise ValueError(f"{where}: adapter = {j['adapter']!r}; tah.py implements only 'lora'")
-    t = TaHConfig(max_iter=_get(j, "max_iter", SIZE, where, 2), lora_r=0, lora_alpha=0, lora_dropout=0.0,
-                  input_topk=_get(j, "input_updater_kwargs.topk", SIZE, where, 100))
+    topk = _get(j, "input_updater_kwargs.topk", SIZE, where, 100, config.vocab_size)
+    t = TaHConfig(max_iter=_get(j, "max_iter", SIZE, where, 2), input_topk=topk, lora_r=0,
+                  lora_alpha=0, lora_dropout=0.0)
     if j.get("adapter") == "lora":
         t.lora_r, t.lora_alpha = _get(j, "adapter_kwargs.r", SIZE, where), \
             _get(j, "adapter_kwargs.lora_alpha", "a positive number", where)
@@ -639,22 +639,16 @@ def tah_config_from_json(j: dict, config: Qwen3Config, where: str | os.PathLike 
         k = "iter_decider_kwargs."
         if _get(j, k + "normalize_input", "true or false", where, False):
             raise ValueError(f"{where}: the decider's normalize_input=true is not implemented")
-        t.decider_layers = _get(j, k + "hidden_states_layer_nums", "a list of integers in [0, 2**20]", where)
-        t.decider_dims = _get(j, k + "hidden_dims", "a list of integers in [0, 2**20]", where)
-        t.decider_topk, t.decider_expansion = _get(j, k + "topk", SIZE, where, 100), \
-            _get(j, k + "expansion_factor", SIZE, where, 4)
+        t.decider_layers = _get(j, k + "hidden_states_layer_nums", INTS, where,
+                                most=config.num_hidden_layers)  # 0 = embeddings ... L = final norm
+        t.decider_dims = _get(j, k + "hidden_dims", INTS, where)
+        t.decider_topk = _get(j, k + "topk", SIZE, where, 100, config.vocab_size)
+        t.decider_expansion = _get(j, k + "expansion_factor", SIZE, where, 4)
         t.decider_dropout = _get(j, k + "dropout_rate", "a number in [0, 1]", where, 0.1)
         t.threshold = _get(j, k + "threshold", "a number in [0, 1]", where, 0.9)
-        if max(t.decider_layers) > config.num_hidden_layers or t.decider_topk > config.vocab_size:
-            raise ValueError(f"{where}: the decider reads layers {t.decider_layers} and top-{t.decider_topk}"
-                             f" logits, but config.json's model has {config.num_hidden_layers} layers and "
-                             f"{config.vocab_size} tokens; the files do not belong together")
     elif j.get("iter_decider") not in (None, "IterLabelDecider"):
         raise ValueError(f"{where}: iter_decider = {j['iter_decider']!r}; tah.py implements "
                          "'MLPIterDecider' (or none: a stage-1 model that iterates by oracle labels)")
-    if t.input_topk > config.vocab_size:
-        raise ValueError(f"{where}: input_updater_kwargs.topk = {t.input_topk} exceeds config.json's "
-                         f"vocab_size ({config.vocab_size}); the files do not belong together")
     return t
 
 
@@ -676,7 +670,7 @@ def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
 
 
 def _read_decider(d: Path) -> tuple[Path, dict]:
-    """The decider's file and its tensors (names without the `decider.` prefix), in fp32."""
+    """The decider's file and its tensors (names without the `decider.` prefix)."""
     if (d / "decider.safetensors").exists():
         return d / "decider.safetensors", _read_safetensors([d / "decider.safetensors"], "cpu")
     path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
@@ -686,33 +680,33 @@ def _read_decider(d: Path) -> tuple[Path, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}): "
-                         "it is damaged, or holds more than tensors (tah never unpickles arbitrary "
-                         "objects). Re-save the decider's state_dict as decider.safetensors with a tool "
-                         "you trust.") from None
-    state = dict(blob["state_dict"]) if type(blob) is dict and type(blob.get("state_dict")) is dict else {}
-    state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
-    if not state or not all(type(k) is str and isinstance(v, torch.Tensor) and v.is_floating_point()
-                            for k, v in state.items()):
+        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) "
+                         f"({type(e).__name__}): it is damaged, or holds more than tensors (tah "
+                         "never unpickles arbitrary objects). Re-save the decider's state_dict as "
+                         "decider.safetensors with a tool you trust.") from None
+    state = blob.get("state_dict") if type(blob) is dict else None
+    if type(state) is not dict or not all(type(k) is str and isinstance(v, torch.Tensor)
+                                          and v.is_floating_point() for k, v in state.items()):
         raise ValueError(f"{path} is not a decider: a dict whose 'state_dict' maps names to "
                          "floating-point tensors; download the checkpoint again")
-    return path, {k: v.float() for k, v in state.items()}
+    # tah_config.json's threshold wins, as in the authors' loader
+    return path, {k: v.float() for k, v in state.items() if k != "threshold"}
 
 
 def _match(state: dict, expected: dict, where) -> None:
-    """Strict loading: every tensor of `expected` named in `state`, nothing missing or extra,
-    every shape checked. `where` names the file(s) the tensors came from."""
+    """Strict loading: `state` has the tensors of `expected`, no more, no fewer, each of its
+    shape and floating point. `where` names the file(s) they came from."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{where}: the weights do not match config.json/tah_config.json: "
                          f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
                          f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; "
-                         "the files do not belong together: download or save the checkpoint again")
+                         "the files do not belong together: download or save them again")
     for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)} but config.json/"
-                             f"tah_config.json imply {tuple(expected[k].shape)}; the files do not "
-                             "belong together: download or save the checkpoint again")
+        if v.shape != expected[k].shape or not v.is_floating_point():
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)} ({v.dtype}) but "
+                             f"the configs imply {tuple(expected[k].shape)} (floating point); "
+                             "the files do not belong together: download or save them again")
 
 
 def _assign(model: TaH, state: dict, where) -> TaH:
@@ -745,22 +739,23 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
     with torch.device("meta"):
         model = TaH(config, tah)
     want = model.state_dict()  # each file must hold exactly its part of it
+    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
+        want.pop("lm_head.weight")
     files = _backbone_files(d)
     state = _read_safetensors(files, device, dtype)
-    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
-        state.pop("lm_head.weight", None), want.pop("lm_head.weight")
-    _match(state, {k: v for k, v in want.items() if ".lora_" not in k and k.split(".")[0] != "decider"},
+    state = {k: v for k, v in state.items() if k in want or k != "lm_head.weight"}
+    _match(state, {k: v for k, v in want.items() if ".lora_" not in k and "decider." not in k},
            ", ".join(map(str, files)))
     if tah.lora_r:
         lora, peft = d / "lora" / "adapter_model.safetensors", d / "lora" / "adapter_config.json"
         if not lora.exists():
             raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {lora} "
                                     "is missing")
-        j = _read_json(peft) if peft.exists() else {}  # PEFT's own record of the adapter
-        if (j.get("r", tah.lora_r), j.get("lora_alpha", tah.lora_alpha)) != (tah.lora_r, tah.lora_alpha):
-            raise ValueError(f"{peft}: r = {j.get('r')!r}, lora_alpha = {j.get('lora_alpha')!r} disagree "
-                             f"with tah_config.json's adapter_kwargs ({tah.lora_r}, {tah.lora_alpha}); "
-                             "make the two files agree")
+        j = _read_json(peft) if peft.exists() else {}  # PEFT's record of the same adapter
+        theirs = j.get("r", tah.lora_r), j.get("lora_alpha", tah.lora_alpha)
+        if theirs != (tah.lora_r, tah.lora_alpha):
+            raise ValueError(f"{peft}: r, lora_alpha = {theirs} disagree with tah_config.json's "
+                             f"{tah.lora_r, tah.lora_alpha}; make the two files agree")
         part = _read_safetensors([lora], device, dtype, prefix="base_model.model.")
         _match(part, {k: v for k, v in want.items() if ".lora_" in k}, lora)
         state |= part
