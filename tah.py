@@ -670,9 +670,10 @@ def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
 
 
 def _read_decider(d: Path) -> tuple[Path, dict]:
-    """The decider's file and its tensors (names without the `decider.` prefix)."""
+    """The decider's file and its tensors in fp32 (names without the `decider.` prefix)."""
     if (d / "decider.safetensors").exists():
-        return d / "decider.safetensors", _read_safetensors([d / "decider.safetensors"], "cpu")
+        return d / "decider.safetensors", _read_safetensors([d / "decider.safetensors"], "cpu",
+                                                            torch.float32)
     path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
     if not path.exists():
         raise FileNotFoundError(f"{d}: tah_config.json names a decider but there is no "

@@ -3,8 +3,10 @@ case below ends in a ValueError or FileNotFoundError whose message names the fil
 Two checkpoints are damaged: one written by `tah.save` (decider.safetensors, an untied head) and
 a copy of the reference fixture in the authors' layout (iter_decider.bin, tied embeddings).
 A table of the cases we know, then a hypothesis fuzz of the JSON files, the safetensors headers
-and the tensor names."""
+and the tensor names, and damaged iter_decider.bin files loaded in a child process (torch.load
+parses them in C++)."""
 import json
+import random
 import re
 import shutil
 import struct
@@ -55,18 +57,30 @@ def expect_named_error(d: Path, kind=(ValueError, FileNotFoundError)) -> str:
     return message
 
 
-# ----------------------------------------------------------------------------- ways to damage a file
+# ----------------------------------------------------------------------------- ways to damage files
 
 
 def edit_json(name, edit):
     def apply(d):
-        j = json.loads((d / name).read_text())
-        (d / name).write_text(json.dumps(edit(j)))
+        (d / name).write_text(json.dumps(edit(json.loads((d / name).read_text()))))
     return apply
+
+
+def setting(name, **changes):  # top-level keys of a JSON file set (None: deleted)
+    return edit_json(name, lambda j: {k: v for k, v in (j | changes).items()
+                                      if changes.get(k, 0) is not None})
+
+
+def kwargs(group, **changes):  # keys inside tah_config.json's `group` object set
+    return edit_json("tah_config.json", lambda j: j | {group: (j.get(group) or {}) | changes})
 
 
 def write(name, data: bytes):
     return lambda d: (d / name).write_bytes(data)
+
+
+def remove(name):
+    return lambda d: (d / name).unlink()
 
 
 def truncate(name, keep=0.5):
@@ -100,11 +114,11 @@ def shard(d):  # model.safetensors split in two shards with an index
     state = load_file(d / "model.safetensors")
     (d / "model.safetensors").unlink()
     keys = sorted(state)
-    names = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    names = {SHARD.replace("2-of", "1-of"): keys[::2], SHARD: keys[1::2]}
     for name, part in names.items():
         save_file({k: state[k] for k in part}, d / name)
     index = {"metadata": {}, "weight_map": {k: n for n, part in names.items() for k in part}}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    (d / INDEX).write_text(json.dumps(index))
 
 
 def then(*steps):
@@ -118,109 +132,85 @@ def save_decider(edit):
     return apply
 
 
-def kwargs(key, **changes):
-    return lambda j: j | {key: (j.get(key) or {}) | changes}
+def decider_state(edit):
+    return save_decider(lambda blob: blob | {"state_dict": edit(dict(blob["state_dict"]))})
 
 
-DECIDER_KEY = "decider.backbone.output_layer.1.weight"
+VE, FNF = ValueError, FileNotFoundError
+MODEL, LORA, DECIDER, BIN = ("model.safetensors", "lora/adapter_model.safetensors",
+                             "decider.safetensors", "iter_decider.bin")
+CONFIG, TAH, PEFT = "config.json", "tah_config.json", "lora/adapter_config.json"
+SHARD, INDEX = "model-00002-of-00002.safetensors", "model.safetensors.index.json"
+DECIDER_KEY = "backbone.output_layer.1.weight"
 LORA_KEY = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
 CASES = [  # (checkpoint, damage, file named in the error, what the message says, error type)
-    (OURS, truncate("model.safetensors"), "model.safetensors", "truncated or damaged", ValueError),
-    (OURS, truncate("model.safetensors", 0.001), "model.safetensors", "truncated", ValueError),
-    (OURS, truncate("lora/adapter_model.safetensors"), "lora/adapter_model.safetensors", "damaged",
-     ValueError),
-    (OURS, truncate("decider.safetensors", 0.9), "decider.safetensors", "damaged", ValueError),
-    (OURS, flip("model.safetensors", 7, 0x01), "model.safetensors", "damaged", ValueError),  # length
-    (OURS, flip("model.safetensors", 9), "model.safetensors", "damaged", ValueError),  # header JSON
-    (OURS, then(shard, truncate("model-00002-of-00002.safetensors")),
-     "model-00002-of-00002.safetensors", "damaged", ValueError),
-    (OURS, then(shard, edit_json("model.safetensors.index.json", lambda j: {"weight_map": [1]})),
-     "model.safetensors.index.json", "weight_map must be an object", ValueError),
-    (OURS, then(shard, edit_json("model.safetensors.index.json", lambda j: {"weight_map": {"a": "../x"}})),
-     "model.safetensors.index.json", "file names in", ValueError),
-    (OURS, edit_json("config.json", lambda j: [j]), "config.json", "holds a list, not a JSON object", ValueError),
-    (OURS, write("config.json", b"\xff\xfe{"), "config.json", "not valid JSON", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"hidden_size": "16"}), "config.json",
-     "hidden_size must be a positive integer", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"num_hidden_layers": -2}), "config.json",
-     "num_hidden_layers must be a positive integer", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"vocab_size": 2**40}), "config.json",
-     "vocab_size must be a positive integer up to", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"num_attention_heads": 0}), "config.json",
-     "num_attention_heads must be", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"rope_scaling": [1]}), "config.json",
-     "rope_scaling must be an object", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"rms_norm_eps": "tiny"}), "config.json",
-     "rms_norm_eps must be a positive number", ValueError),
-    (OURS, edit_json("config.json", lambda j: j | {"tie_word_embeddings": "no"}), "config.json",
-     "tie_word_embeddings must be true or false", ValueError),
-    (OURS, edit_json("config.json", lambda j: {k: v for k, v in j.items() if k != "num_hidden_layers"}),
-     "model.safetensors", r"do not match config\.json.*missing \[\] unexpected \[\]|missing", ValueError),
-    (OURS, edit_json("tah_config.json", lambda j: [j]), "tah_config.json", "holds a list", ValueError),
-    (OURS, edit_json("tah_config.json", lambda j: {k: v for k, v in j.items() if k != "iter_decider_kwargs"}),
-     "tah_config.json", "hidden_states_layer_nums must be a list", ValueError),
-    (OURS, edit_json("tah_config.json", kwargs("iter_decider_kwargs", hidden_states_layer_nums=[0, 3])),
-     "tah_config.json", r"hidden_states_layer_nums must be .* and at most 2 .*got \[0, 3\]", ValueError),
-    (OURS, edit_json("tah_config.json", kwargs("iter_decider_kwargs", topk=41)), "tah_config.json",
-     r"iter_decider_kwargs.topk must be .* and at most 40 .*got 41", ValueError),
-    (OURS, edit_json("tah_config.json", kwargs("input_updater_kwargs", topk=41)), "tah_config.json",
-     r"input_updater_kwargs.topk must be .* and at most 40 .*got 41", ValueError),
-    (OURS, edit_json("tah_config.json", kwargs("iter_decider_kwargs", hidden_dims="16")),
-     "tah_config.json", "hidden_dims must be a list", ValueError),
-    (OURS, edit_json("tah_config.json", kwargs("adapter_kwargs", lora_dropout=1.5)), "tah_config.json",
-     r"lora_dropout must be a number in \[0, 1\]", ValueError),
-    (OURS, edit_json("tah_config.json", lambda j: j | {"max_iter": "2"}), "tah_config.json",
-     "max_iter must be", ValueError),
-    (OURS, edit_json("tah_config.json", lambda j: j | {"adapter_kwargs": None}), "tah_config.json",
-     "adapter_kwargs.r must be a positive integer", ValueError),
-    (OURS, edit_json("tah_config.json", kwargs("adapter_kwargs", r=4)), "lora/adapter_config.json",
-     "disagree", ValueError),
-    (OURS, then(lambda d: (d / "lora/adapter_config.json").unlink(),
-                edit_json("tah_config.json", kwargs("adapter_kwargs", r=4))),
-     "lora/adapter_model.safetensors", r"lora_[AB]\.weight has shape \(\d+, \d+\) \(torch.float32\) but", ValueError),
-    (OURS, edit_tensors("model.safetensors", lambda s: rename(s, "model.norm.weight", "model.norm.scale")),
-     "model.safetensors", r"missing \['model.norm.weight'\] unexpected \['model.norm.scale'\]", ValueError),
-    (OURS, edit_tensors("decider.safetensors", lambda s: s.pop(DECIDER_KEY.removeprefix("decider."))),
-     "decider.safetensors", f"missing \\['{DECIDER_KEY}'\\]", ValueError),
-    (OURS, edit_tensors("lora/adapter_model.safetensors", lambda s: rename(s, LORA_KEY, LORA_KEY + "s")),
-     "lora/adapter_model.safetensors", r"missing \['model.layers.0.mlp.up_proj.lora_A.weight'\] "
-     r"unexpected \['model.layers.0.mlp.up_proj.lora_A.weights'\]", ValueError),
-    (OURS, edit_tensors("model.safetensors", lambda s: s.update({"lm_head.weight": s["lm_head.weight"].int()})),
-     "model.safetensors", r"lm_head.weight has shape \(40, 16\) \(torch.int32\)", ValueError),
-    (OURS, edit_tensors("model.safetensors", lambda s: s.update({"extra": torch.zeros(1)})),
-     "model.safetensors", r"unexpected \['extra'\]", ValueError),
-    (OURS, lambda d: (d / "model.safetensors").unlink(), "", "no model.safetensors", FileNotFoundError),
-    (OURS, lambda d: (d / "decider.safetensors").unlink(), "", "no decider.safetensors or iter_decider.bin",
-     FileNotFoundError),
-    (OURS, lambda d: (d / "config.json").unlink(), "config.json", "missing", FileNotFoundError),
-    (OURS, lambda d: [(d / "config.json").unlink(), (d / "config.json").mkdir()], "config.json",
-     "not valid JSON", ValueError),
-    (AUTHORS, save_decider(lambda blob: [blob]), "iter_decider.bin", "not a decider", ValueError),
-    (AUTHORS, save_decider(lambda blob: {"class": blob["class"]}), "iter_decider.bin", "not a decider",
-     ValueError),
-    (AUTHORS, save_decider(lambda blob: blob | {"state_dict": {**blob["state_dict"], "x": 1}}),
-     "iter_decider.bin", "not a decider", ValueError),
-    (AUTHORS, save_decider(lambda blob: blob | {"state_dict": {**blob["state_dict"], 3: torch.ones(1)}}),
-     "iter_decider.bin", "not a decider", ValueError),
-    (AUTHORS, save_decider(lambda blob: blob | {"state_dict": {
-        k: v.long() if k.endswith("bias") else v for k, v in blob["state_dict"].items()}}),
-     "iter_decider.bin", "not a decider", ValueError),
-    (AUTHORS, save_decider(lambda blob: blob | {"state_dict": {
-        k: v for k, v in blob["state_dict"].items() if k != "combined_projection.bias"}}),
-     "iter_decider.bin", r"missing \['decider.combined_projection.bias'\]", ValueError),
-    (AUTHORS, truncate("iter_decider.bin"), "iter_decider.bin", "damaged", ValueError),
-    (AUTHORS, edit_json("tah_config.json", lambda j: {k: v for k, v in j.items() if k != "iter_decider_kwargs"}),
-     "tah_config.json", "iter_decider_kwargs.hidden_states_layer_nums must be", ValueError),
-    (AUTHORS, edit_json("tah_config.json", kwargs("iter_decider_kwargs", hidden_states_layer_nums=None)),
-     "tah_config.json", "hidden_states_layer_nums must be a list of integers.*got None", ValueError),
-    (AUTHORS, edit_json("lora/adapter_config.json", lambda j: j | {"r": 8}), "lora/adapter_config.json",
-     r"r, lora_alpha = \(8, 8\) disagree with tah_config.json.s \(4, 8\)", ValueError),
-    (AUTHORS, edit_json("lora/adapter_config.json", lambda j: [j]), "lora/adapter_config.json",
-     "holds a list", ValueError),
-    (AUTHORS, edit_json("tah_config.json", kwargs("adapter_kwargs", r=8)), "lora/adapter_config.json",
-     "disagree", ValueError),
-    (AUTHORS, truncate("lora/adapter_model.safetensors", 0.99), "lora/adapter_model.safetensors",
-     "damaged", ValueError),
+    (OURS, truncate(MODEL), MODEL, "truncated or damaged", VE),
+    (OURS, truncate(MODEL, 0.001), MODEL, "truncated", VE),
+    (OURS, truncate(LORA), LORA, "damaged", VE),
+    (OURS, truncate(DECIDER, 0.9), DECIDER, "damaged", VE),
+    (OURS, flip(MODEL, 7, 0x01), MODEL, "damaged", VE),  # the header's length
+    (OURS, flip(MODEL, 9), MODEL, "damaged", VE),  # the header's JSON
+    (OURS, then(shard, truncate(SHARD)), SHARD, "damaged", VE),
+    (OURS, then(shard, setting(INDEX, weight_map=[1])), INDEX, "weight_map must be an object", VE),
+    (OURS, then(shard, setting(INDEX, weight_map={"a": "../x"})), INDEX, "file names in", VE),
+    (OURS, edit_json(CONFIG, lambda j: [j]), CONFIG, "holds a list, not a JSON object", VE),
+    (OURS, write(CONFIG, b"\xff\xfe{"), CONFIG, "not valid JSON", VE),
+    (OURS, setting(CONFIG, hidden_size="16"), CONFIG, "hidden_size must be a positive integer", VE),
+    (OURS, setting(CONFIG, num_hidden_layers=-2), CONFIG, "num_hidden_layers must be a", VE),
+    (OURS, setting(CONFIG, vocab_size=2**40), CONFIG, "vocab_size must be .* up to 2", VE),
+    (OURS, setting(CONFIG, num_attention_heads=0), CONFIG, "num_attention_heads must be", VE),
+    (OURS, setting(CONFIG, rope_scaling=[1]), CONFIG, "rope_scaling must be an object", VE),
+    (OURS, setting(CONFIG, rms_norm_eps="tiny"), CONFIG, "rms_norm_eps must be a positive", VE),
+    (OURS, setting(CONFIG, tie_word_embeddings="no"), CONFIG, "tie_word_embeddings must be t", VE),
+    (OURS, setting(CONFIG, num_hidden_layers=None), MODEL,  # the default: Qwen3-0.6B's 28 layers
+     r"do not match config\.json/tah_config\.json: missing \['model.layers.10.input_layernorm", VE),
+    (OURS, edit_json(TAH, lambda j: [j]), TAH, "holds a list", VE),
+    (OURS, setting(TAH, iter_decider_kwargs=None), TAH, "hidden_states_layer_nums must be", VE),
+    (OURS, kwargs("iter_decider_kwargs", hidden_states_layer_nums=[0, 3]), TAH,
+     r"hidden_states_layer_nums must be .* and at most 2 .*got \[0, 3\]", VE),
+    (OURS, kwargs("iter_decider_kwargs", topk=41), TAH,
+     "iter_decider_kwargs.topk must be .* and at most 40 .*got 41", VE),
+    (OURS, kwargs("input_updater_kwargs", topk=41), TAH,
+     "input_updater_kwargs.topk must be .* and at most 40 .*got 41", VE),
+    (OURS, kwargs("iter_decider_kwargs", hidden_dims="16"), TAH, "hidden_dims must be a list", VE),
+    (OURS, kwargs("adapter_kwargs", lora_dropout=1.5), TAH, r"lora_dropout must be .*\[0, 1\]", VE),
+    (OURS, setting(TAH, max_iter="2"), TAH, "max_iter must be", VE),
+    (OURS, setting(TAH, adapter_kwargs=None), TAH, "adapter_kwargs.r must be a", VE),
+    (OURS, kwargs("adapter_kwargs", r=4), PEFT, "disagree", VE),
+    (OURS, then(remove(PEFT), kwargs("adapter_kwargs", r=4)), LORA,
+     r"lora_[AB]\.weight has shape \(\d+, \d+\) \(torch.float32\) but", VE),
+    (OURS, edit_tensors(MODEL, lambda s: rename(s, "model.norm.weight", "model.norm.scale")), MODEL,
+     r"missing \['model.norm.weight'\] unexpected \['model.norm.scale'\]", VE),
+    (OURS, edit_tensors(DECIDER, lambda s: s.pop(DECIDER_KEY)), DECIDER,
+     f"missing \\['decider.{DECIDER_KEY}'\\]", VE),
+    (OURS, edit_tensors(LORA, lambda s: rename(s, LORA_KEY, LORA_KEY + "s")), LORA,
+     r"missing \['model.layers.0.mlp.up_proj.lora_A.weight'\] "
+     r"unexpected \['model.layers.0.mlp.up_proj.lora_A.weights'\]", VE),
+    (OURS, edit_tensors(MODEL, lambda s: s.update({"lm_head.weight": s["lm_head.weight"].int()})),
+     MODEL, r"lm_head.weight has shape \(40, 16\) \(torch.int32\)", VE),
+    (OURS, edit_tensors(MODEL, lambda s: s.update({"extra": torch.zeros(1)})), MODEL,
+     r"unexpected \['extra'\]", VE),
+    (OURS, remove(MODEL), "", "no model.safetensors", FNF),
+    (OURS, remove(DECIDER), "", "no decider.safetensors or iter_decider.bin", FNF),
+    (OURS, remove(LORA), LORA, "names a LoRA adapter but", FNF),
+    (OURS, remove(CONFIG), CONFIG, "missing", FNF),
+    (OURS, then(remove(CONFIG), lambda d: (d / CONFIG).mkdir()), CONFIG, "not valid JSON", VE),
+    (AUTHORS, save_decider(lambda blob: [blob]), BIN, "not a decider", VE),
+    (AUTHORS, save_decider(lambda blob: {"class": blob["class"]}), BIN, "not a decider", VE),
+    (AUTHORS, decider_state(lambda s: s | {"x": 1}), BIN, "not a decider", VE),
+    (AUTHORS, decider_state(lambda s: s | {3: torch.ones(1)}), BIN, "not a decider", VE),
+    (AUTHORS, decider_state(lambda s: {k: v.long() for k, v in s.items()}), BIN, "not a deci", VE),
+    (AUTHORS, decider_state(lambda s: {k: s[k] for k in s if "logits_projection.w" not in k}), BIN,
+     r"missing \['decider.logits_projection.weight'\]", VE),
+    (AUTHORS, truncate(BIN), BIN, "damaged", VE),
+    (AUTHORS, setting(TAH, iter_decider_kwargs=None), TAH,
+     "iter_decider_kwargs.hidden_states_layer_nums must be", VE),
+    (AUTHORS, kwargs("iter_decider_kwargs", hidden_states_layer_nums=None), TAH,
+     "hidden_states_layer_nums must be a list of integers.*got None", VE),
+    (AUTHORS, setting(PEFT, r=8), PEFT, r"r, lora_alpha = \(8, 8\) disagree with .* \(4, 8\)", VE),
+    (AUTHORS, edit_json(PEFT, lambda j: [j]), PEFT, "holds a list", VE),
+    (AUTHORS, kwargs("adapter_kwargs", r=8), PEFT, "disagree", VE),
+    (AUTHORS, truncate(LORA, 0.99), LORA, "damaged", VE),
 ]
 
 
@@ -237,8 +227,8 @@ def test_damaged_checkpoint_names_the_file(bases, tmp_path, base, damage, file, 
 def test_extra_keys_are_fine(bases, tmp_path):
     d = copy(bases, OURS, tmp_path / "ckpt")
     for name in JSONS:
-        edit_json(name, lambda j: j | {"some_new_key": [1, {"x": None}]})(d)
-    edit_json("tah_config.json", kwargs("iter_decider_kwargs", new_knob=3))(d)
+        setting(name, some_new_key=[1, {"x": None}])(d)
+    kwargs("iter_decider_kwargs", new_knob=3)(d)
     m, ref = tah.load(d), tah.load(bases / OURS)
     assert m.config == ref.config and m.tah == ref.tah
     ids = torch.arange(12)[None] % SETUP.vocab
@@ -247,7 +237,7 @@ def test_extra_keys_are_fine(bases, tmp_path):
 
 def test_a_tied_checkpoint_may_store_its_head(bases, tmp_path):
     d = copy(bases, AUTHORS, tmp_path / "ckpt")
-    edit_tensors("model.safetensors", lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"] * 2}))(d)
+    edit_tensors(MODEL, lambda s: s.update({"lm_head.weight": -s["model.embed_tokens.weight"]}))(d)
     m = tah.load(d)
     assert m.lm_head.weight is m.model.embed_tokens.weight  # the config's tie wins
 
@@ -255,7 +245,7 @@ def test_a_tied_checkpoint_may_store_its_head(bases, tmp_path):
 # ----------------------------------------------------------------------------- fuzzing
 
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([2**20 + 1, 2**70]),
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([2**21, 2**70]),
                    st.floats(), st.text(max_size=3), st.lists(st.integers(-2, 50), max_size=3),
                    st.dictionaries(st.text(max_size=2), st.integers(-1, 2), max_size=2))
 
@@ -267,17 +257,17 @@ def damages(draw, base):
     header flipped, a tensor renamed or stored in another dtype."""
     kind = draw(st.sampled_from(["json", "truncate", "flip", "rename", "dtype"]))
     if kind == "json":
-        return (kind, draw(st.sampled_from(JSONS)), draw(st.sampled_from(["delete", "set", "add", "all"])),
-                draw(st.integers(0, 999)), draw(VALUES))
+        how = draw(st.sampled_from(["delete", "set", "add", "all"]))
+        return (kind, draw(st.sampled_from(JSONS)), how, draw(st.integers(0, 999)), draw(VALUES))
     name = draw(st.sampled_from(SAFETENSORS[base]))
     if kind == "truncate":
         return (kind, name, draw(st.floats(0, 1, exclude_max=True)))
     if kind == "flip":
         return (kind, name, draw(st.integers(0, 9999)), draw(st.integers(1, 255)))
     if kind == "rename":
-        return (kind, name, draw(st.integers(0, 999)), draw(st.sampled_from(["", "x", ".weight", "_"])))
+        return (kind, name, draw(st.integers(0, 999)), draw(st.sampled_from(["", "x", ".w", "_"])))
     return (kind, name, draw(st.integers(0, 999)),
-            draw(st.sampled_from([torch.int32, torch.int8, torch.bool, torch.float16, torch.float64])))
+            draw(st.sampled_from([torch.int32, torch.bool, torch.float16, torch.float64])))
 
 
 def apply(d: Path, damage) -> None:
@@ -309,7 +299,7 @@ def apply(d: Path, damage) -> None:
         save_file(state, d / name)
 
 
-@settings(max_examples=60)
+@settings(max_examples=50)
 @given(data=st.data(), base=st.sampled_from([OURS, AUTHORS]))
 def test_fuzzed_checkpoint_loads_or_names_the_file(bases, data, base):
     changes = data.draw(st.lists(damages(base), min_size=1, max_size=3))
@@ -324,3 +314,37 @@ def test_fuzzed_checkpoint_loads_or_names_the_file(bases, data, base):
             tah.load(d)
         except (ValueError, FileNotFoundError) as e:
             assert str(d) in str(e) and "\n" not in str(e), str(e)
+
+
+CHILD = """
+import shutil, sys
+import tah
+d, *variants = sys.argv[1:]
+for v in variants:
+    shutil.copyfile(v, d + "/iter_decider.bin")
+    try:
+        tah.load(d)
+        print("loaded")
+    except (ValueError, FileNotFoundError) as e:
+        print("named" if d + "/iter_decider.bin" in str(e) else repr(e).replace(" ", "_"))
+"""
+
+
+def test_damaged_decider_pickles_in_a_child_process(bases, tmp_path):
+    """torch.load parses iter_decider.bin (a zip of a pickle) in C++, where a damaged file might
+    crash the process: damaged copies are loaded in a child, so that a crash fails this test."""
+    d = copy(bases, AUTHORS, tmp_path / "ckpt")
+    data, rng, variants = (d / "iter_decider.bin").read_bytes(), random.Random(0), []
+    for i in range(24):
+        b = bytearray(data[:rng.randrange(len(data))] if i % 4 == 0 else data)
+        for _ in range(rng.randint(1, 4) if i % 4 else 0):  # the zip's headers lie at both ends
+            at = rng.randrange(1024) if rng.random() < 0.5 else len(b) - 1 - rng.randrange(1024)
+            b[at] ^= rng.randint(1, 255)
+        variants.append(tmp_path / f"v{i}.bin")
+        variants[-1].write_bytes(bytes(b))
+    child = subprocess.run([sys.executable, "-c", CHILD, str(d), *map(str, variants)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    outcomes = child.stdout.split()
+    assert len(outcomes) == len(variants) and set(outcomes) <= {"loaded", "named"}, outcomes
+    assert outcomes.count("named") >= len(variants) // 2, outcomes  # most damage is noticed
