@@ -564,8 +564,7 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError) as e:  # not JSON, not UTF-8, a folder, unreadable
         raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
     if type(j) is not dict:
-        raise ValueError(f"{path} holds a {type(j).__name__}, not a JSON object; fix or "
-                         "re-download it")
+        raise ValueError(f"{path} does not hold a JSON object; fix or re-download it")
     return j
 
 

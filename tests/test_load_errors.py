@@ -31,7 +31,16 @@ SETUP = Setup(layers=2, kv_heads=1, groups=2, head_dim=8, hidden=16, vocab=40, t
 OURS, AUTHORS = "ours", "authors"
 SAFETENSORS = {OURS: ["model.safetensors", "lora/adapter_model.safetensors", "decider.safetensors"],
                AUTHORS: ["model.safetensors", "lora/adapter_model.safetensors"]}
-JSONS = ["config.json", "tah_config.json", "lora/adapter_config.json"]
+JSONS = {  # each JSON file and the keys tah.load reads from it ("a.b": key b of object a)
+    "config.json": ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                    "rope_theta", "tie_word_embeddings", "rope_scaling", "max_position_embeddings"],
+    "tah_config.json": ["max_iter", "adapter", "iter_decider", "input_updater_kwargs.topk",
+                        *("adapter_kwargs." + k for k in ("r", "lora_alpha", "lora_dropout")),
+                        *("iter_decider_kwargs." + k for k in (
+                            "topk", "hidden_states_layer_nums", "hidden_dims", "expansion_factor",
+                            "dropout_rate", "threshold", "normalize_input"))],
+    "lora/adapter_config.json": ["r", "lora_alpha"]}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +162,7 @@ CASES = [  # (checkpoint, damage, file named in the error, what the message says
     (OURS, then(shard, truncate(SHARD)), SHARD, "damaged", VE),
     (OURS, then(shard, setting(INDEX, weight_map=[1])), INDEX, "weight_map must be an object", VE),
     (OURS, then(shard, setting(INDEX, weight_map={"a": "../x"})), INDEX, "file names in", VE),
-    (OURS, edit_json(CONFIG, lambda j: [j]), CONFIG, "holds a list, not a JSON object", VE),
+    (OURS, edit_json(CONFIG, lambda j: [j]), CONFIG, "does not hold a JSON object", VE),
     (OURS, write(CONFIG, b"\xff\xfe{"), CONFIG, "not valid JSON", VE),
     (OURS, setting(CONFIG, hidden_size="16"), CONFIG, "hidden_size must be a positive integer", VE),
     (OURS, setting(CONFIG, num_hidden_layers=-2), CONFIG, "num_hidden_layers must be a", VE),
@@ -164,7 +173,7 @@ CASES = [  # (checkpoint, damage, file named in the error, what the message says
     (OURS, setting(CONFIG, tie_word_embeddings="no"), CONFIG, "tie_word_embeddings must be t", VE),
     (OURS, setting(CONFIG, num_hidden_layers=None), MODEL,  # the default: Qwen3-0.6B's 28 layers
      r"do not match config\.json/tah_config\.json: missing \['model.layers.10.input_layernorm", VE),
-    (OURS, edit_json(TAH, lambda j: [j]), TAH, "holds a list", VE),
+    (OURS, edit_json(TAH, lambda j: [j]), TAH, "not hold a JSON object", VE),
     (OURS, setting(TAH, iter_decider_kwargs=None), TAH, "hidden_states_layer_nums must be", VE),
     (OURS, kwargs("iter_decider_kwargs", hidden_states_layer_nums=[0, 3]), TAH,
      r"hidden_states_layer_nums must be .* and at most 2 .*got \[0, 3\]", VE),
@@ -208,7 +217,7 @@ CASES = [  # (checkpoint, damage, file named in the error, what the message says
     (AUTHORS, kwargs("iter_decider_kwargs", hidden_states_layer_nums=None), TAH,
      "hidden_states_layer_nums must be a list of integers.*got None", VE),
     (AUTHORS, setting(PEFT, r=8), PEFT, r"r, lora_alpha = \(8, 8\) disagree with .* \(4, 8\)", VE),
-    (AUTHORS, edit_json(PEFT, lambda j: [j]), PEFT, "holds a list", VE),
+    (AUTHORS, edit_json(PEFT, lambda j: [j]), PEFT, "not hold a JSON object", VE),
     (AUTHORS, kwargs("adapter_kwargs", r=8), PEFT, "disagree", VE),
     (AUTHORS, truncate(LORA, 0.99), LORA, "damaged", VE),
 ]
@@ -245,9 +254,9 @@ def test_a_tied_checkpoint_may_store_its_head(bases, tmp_path):
 # ----------------------------------------------------------------------------- fuzzing
 
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([2**21, 2**70]),
-                   st.floats(), st.text(max_size=3), st.lists(st.integers(-2, 50), max_size=3),
-                   st.dictionaries(st.text(max_size=2), st.integers(-1, 2), max_size=2))
+VALUES = st.one_of(st.integers(-3, 3), st.text(max_size=3), st.sampled_from([2**21, 2**70]),
+                   st.floats(), st.lists(st.integers(-2, 50), max_size=3), st.booleans(),
+                   st.dictionaries(st.text(max_size=2), st.integers(-1, 2), max_size=2), st.none())
 
 
 @st.composite
@@ -257,8 +266,10 @@ def damages(draw, base):
     header flipped, a tensor renamed or stored in another dtype."""
     kind = draw(st.sampled_from(["json", "truncate", "flip", "rename", "dtype"]))
     if kind == "json":
+        name = draw(st.sampled_from(sorted(JSONS)))
         how = draw(st.sampled_from(["delete", "set", "add", "all"]))
-        return (kind, draw(st.sampled_from(JSONS)), how, draw(st.integers(0, 999)), draw(VALUES))
+        key = draw(st.one_of(st.sampled_from(JSONS[name]), st.integers(0, 999)))  # or any key
+        return (kind, name, how, key, draw(VALUES))
     name = draw(st.sampled_from(SAFETENSORS[base]))
     if kind == "truncate":
         return (kind, name, draw(st.floats(0, 1, exclude_max=True)))
@@ -273,11 +284,14 @@ def damages(draw, base):
 def apply(d: Path, damage) -> None:
     kind, name, *args = damage
     if kind == "json":
-        how, pick, value = args
+        how, key, value = args
         j = json.loads((d / name).read_text())
         paths = [(k,) for k in j] + [(k, k2) for k in j if type(j[k]) is dict for k2 in j[k]]
-        *outer, key = paths[pick % len(paths)] if paths and how != "add" else ("fuzz_extra",)
-        obj = j[outer[0]] if outer else j
+        if type(key) is int:
+            key = paths[key % len(paths)] if paths and how != "add" else ("fuzz_extra",)
+        *outer, key = key if type(key) is tuple else key.split(".")
+        obj = j.setdefault(outer[0], {}) if outer else j
+        obj = obj if type(obj) is dict else {}
         if how == "delete":
             obj.pop(key, None)
         else:
