@@ -44,8 +44,7 @@ import torch.nn.functional as F
 SIZE, INTS = "a positive integer up to 2**20", "a list of integers in [0, 2**20]"
 WANTS = {
     SIZE: lambda v: type(v) is int and 0 < v <= 2**20,
-    INTS: lambda v: type(v) is list and v != [] and
-        all(type(i) is int and 0 <= i <= 2**20 for i in v),
+    INTS: lambda v: type(v) is list and v and all(type(i) is int and 0 <= i <= 2**20 for i in v),
     "a positive number": lambda v: type(v) in (int, float) and 0 < v < math.inf,
     "a number in [0, 1]": lambda v: type(v) in (int, float) and 0 <= v <= 1,
     "true or false": lambda v: type(v) is bool,
@@ -680,10 +679,10 @@ def _read_decider(d: Path) -> tuple[Path, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) "
-                         f"({type(e).__name__}): it is damaged, or holds more than tensors (tah "
-                         "never unpickles arbitrary objects). Re-save the decider's state_dict as "
-                         "decider.safetensors with a tool you trust.") from None
+        raise ValueError(f"{path} cannot be read by torch.load(weights_only=True) "
+                         f"({type(e).__name__}): damaged, or more than tensors (tah never unpickles"
+                         " arbitrary objects). Re-save its state_dict as decider.safetensors with"
+                         " a tool you trust") from None
     state = blob.get("state_dict") if type(blob) is dict else None
     if type(state) is not dict or not all(type(k) is str and isinstance(v, torch.Tensor)
                                           and v.is_floating_point() for k, v in state.items()):
@@ -762,7 +761,7 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
     if model.decider is not None:
         path, part = _read_decider(d)
         part = {"decider." + k: v.to(device) for k, v in part.items()}
-        _match(part, {k: v for k, v in want.items() if k.startswith("decider.")}, path)
+        _match(part, {k: v for k, v in want.items() if "decider." in k}, path)
         state |= part
     return _assign(model, state, d).eval()
 
