@@ -40,6 +40,36 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 
+# What a value in a checkpoint's JSON must be -> its test (sizes bounded: products fit int64)
+SIZE, INTS = "a positive integer up to 2**20", "a list of integers in [0, 2**20]"
+WANTS = {
+    SIZE: lambda v: type(v) is int and 0 < v <= 2**20,
+    INTS: lambda v: type(v) is list and v and all(type(i) is int and 0 <= i <= 2**20 for i in v),
+    "a positive number": lambda v: type(v) in (int, float) and 0 < v < math.inf,
+    "a number in [0, 1]": lambda v: type(v) in (int, float) and 0 <= v <= 1,
+    "true or false": lambda v: type(v) is bool,
+    "a string": lambda v: type(v) is str,
+    "an object": lambda v: type(v) is dict,
+}
+
+
+def _get(j: dict, key: str, want: str | None, where, default=..., most=None):
+    """j[key], or j["a"]["b"] for key "a.b", if it is `want` (None: anything) and at most `most`;
+    `default` if absent or null. Every value read from a checkpoint's JSON passes here."""
+    *outer, last = key.split(".")
+    for part in outer:
+        j = _get(j, part, "an object", where, {})
+    v = j.get(last)
+    if v is None and default is not ...:
+        return default
+    ok = v is not None and (not want or WANTS[want](v))
+    if not ok or most and max(v if type(v) is list else [v]) > most:
+        bound = f" and at most {most} (config.json)" if most else ""
+        raise ValueError(f"{where}: {key} must be {want}{bound}, got {v!r}; fix the file, or "
+                         "download or save the checkpoint again")
+    return v
+
+
 @dataclass
 class Qwen3Config:
     """The fields of a Hugging Face Qwen3 `config.json` that define the network."""
@@ -61,35 +91,30 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Qwen3Config":
-        """Keeps the known keys of a config.json; rejects what this file cannot run."""
+    def from_dict(cls, d: dict, where: str | os.PathLike = "config.json") -> "Qwen3Config":
+        """Keeps the known keys of a config.json, each checked (`where` names the file in errors);
+        rejects what this file cannot run. A key that is absent or null keeps its default."""
         if d.get("model_type", "qwen3") != "qwen3":
-            raise ValueError(f"config.json has model_type={d['model_type']!r}; tah.py implements "
+            raise ValueError(f"{where} has model_type={d['model_type']!r}; tah.py implements "
                              "only 'qwen3' (Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
-        d = dict(d)
-        rope = d.get("rope_parameters") or {}  # newer transformers nest rope_theta here
-        if "rope_theta" not in d and "rope_theta" in rope:
-            d["rope_theta"] = rope["rope_theta"]
-        if (d.get("rope_scaling") or {}).get("rope_type", "default") != "default" or \
-                rope.get("rope_type", "default") != "default":
-            raise ValueError("config.json asks for scaled RoPE; tah.py implements only plain RoPE")
+        rope = _get(d, "rope_parameters", "an object", where, {})  # newer: rope_theta in here
+        scaling = _get(d, "rope_scaling", "an object", where, {})
+        if {scaling.get("rope_type", "default"), rope.get("rope_type", "default")} != {"default"}:
+            raise ValueError(f"{where} asks for scaled RoPE; tah.py implements only plain RoPE")
         if d.get("attention_bias") or d.get("use_sliding_window"):
-            raise ValueError("config.json asks for attention biases or sliding windows; "
+            raise ValueError(f"{where} asks for attention biases or sliding windows; "
                              "Qwen3 dense models use neither and tah.py implements neither")
-        d.setdefault("torch_dtype", d.get("dtype", "float32"))
-        if "head_dim" not in d and "hidden_size" in d and "num_attention_heads" in d:
-            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
-        cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            v = getattr(cfg, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"config.json: {name} must be a positive integer, got {v!r}")
+        d = {"rope_theta": rope.get("rope_theta"), "torch_dtype": d.get("dtype", "float32"), **d}
+        kinds = {int: SIZE, float: "a positive number", bool: "true or false", str: "a string"}
+        cfg = cls(**{f.name: _get(d, f.name, kinds.get(type(f.default)), where, f.default)
+                     for f in fields(cls)})  # the token ids (default None) are kept as they are
+        if d.get("head_dim") is None:  # older configs: hidden_size split over the heads
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
         if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(f"config.json: num_attention_heads ({cfg.num_attention_heads}) must "
+            raise ValueError(f"{where}: num_attention_heads ({cfg.num_attention_heads}) must "
                              f"be a multiple of num_key_value_heads ({cfg.num_key_value_heads})")
-        if cfg.head_dim % 2:
-            raise ValueError(f"config.json: head_dim must be even for RoPE, got {cfg.head_dim}")
+        if cfg.head_dim % 2 or not cfg.head_dim:
+            raise ValueError(f"{where}: head_dim must be positive and even, got {cfg.head_dim}")
         return cfg
 
     def to_dict(self) -> dict:
@@ -648,12 +673,15 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        j = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: is {path.parent} a Qwen3/TaH "
                                 "checkpoint?") from None
-    except json.JSONDecodeError as e:
+    except (OSError, ValueError) as e:  # not JSON, not UTF-8, a folder, unreadable
         raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
+    if type(j) is not dict:
+        raise ValueError(f"{path} does not hold a JSON object; fix or re-download it")
+    return j
 
 
 def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -> dict:
@@ -661,17 +689,25 @@ def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -
     from safetensors import safe_open
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as st:
-            for k in st.keys():
-                t = st.get_tensor(k)
-                out[k.removeprefix(prefix)] = t.to(dtype) if dtype and t.is_floating_point() else t
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as st:
+                for k in st.keys():
+                    t = st.get_tensor(k)
+                    t = t.to(dtype or t.dtype) if t.is_floating_point() else t  # see `_match`
+                    out[k.removeprefix(prefix)] = t
+        except Exception as e:  # safetensors checks the header against the file's size and layout
+            raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                             "it is truncated or damaged: copy or download it again") from None
     return out
 
 
 def _backbone_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(_read_json(index)["weight_map"].values()))
+        shards = list(_get(_read_json(index), "weight_map", "an object", index).values())
+        if not all(type(s) is str and s == Path(s).name for s in shards):
+            raise ValueError(f"{index}: weight_map must map tensors to file names in {d}; fix it")
+        shards = sorted(set(shards))
         missing = [s for s in shards if not (d / s).exists()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {d}: {missing}")
@@ -691,41 +727,46 @@ ACCEPTED = {  # older tah_config.json fields of the authors' code -> the values 
 }
 
 
-def tah_config_from_json(j: dict) -> TaHConfig:
-    """Reads a tah_config.json in the authors' schema (ours writes the same schema)."""
+def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") -> TaHConfig:
+    """Reads a tah_config.json in the authors' schema (ours writes the same schema), checked
+    against the backbone's `config`; `where` names the file in errors."""
     for key, ok in ACCEPTED.items():
         if j.get(key) not in (None, ok):
-            raise ValueError(f"tah_config.json: {key} = {j[key]!r} is a variant tah.py does not "
+            raise ValueError(f"{where}: {key} = {j[key]!r} is a variant tah.py does not "
                              f"implement (it implements {ok!r}); this checkpoint cannot be run "
                              "here")
     if j.get("iter_label_generator") not in (None, "FixedIterLabelGenerator",
                                              "DynamicMismatchIterLabelGenerator"):
-        raise ValueError("tah_config.json: iter_label_generator = "
-                         f"{j['iter_label_generator']!r}: tah "
+        raise ValueError(f"{where}: iter_label_generator = {j['iter_label_generator']!r}: tah "
                          "implements only the reference-mismatch oracle labels")
-    inp = j.get("input_updater_kwargs") or {}
+    inp = _get(j, "input_updater_kwargs", "an object", where, {})
     if inp.get("use_hidden_states") or ("topk" in inp and inp["topk"] is None):
-        raise ValueError("tah_config.json: input_updater_kwargs asks for a hidden-state or full-"
+        raise ValueError(f"{where}: input_updater_kwargs asks for a hidden-state or full-"
                          "softmax input; tah.py implements only the top-k soft token")
     if j.get("adapter") not in (None, "lora"):
-        raise ValueError(f"tah_config.json: adapter = {j['adapter']!r}; tah.py implements "
-                         "only 'lora'")
-    a = j.get("adapter_kwargs") or {} if j.get("adapter") == "lora" else {}
-    t = TaHConfig(max_iter=j.get("max_iter") or 2, input_topk=inp.get("topk", 100),
-                  lora_r=a.get("r", 0), lora_alpha=a.get("lora_alpha", 0),
-                  lora_dropout=a.get("lora_dropout", 0.0))
+        raise ValueError(f"{where}: adapter = {j['adapter']!r}; tah.py implements only 'lora'")
+    topk = _get(j, "input_updater_kwargs.topk", SIZE, where, 100, config.vocab_size)
+    t = TaHConfig(max_iter=_get(j, "max_iter", SIZE, where, 2), input_topk=topk, lora_r=0,
+                  lora_alpha=0, lora_dropout=0.0)
+    if j.get("adapter") == "lora":
+        t.lora_r, t.lora_alpha = _get(j, "adapter_kwargs.r", SIZE, where), \
+            _get(j, "adapter_kwargs.lora_alpha", "a positive number", where)
+        t.lora_dropout = _get(j, "adapter_kwargs.lora_dropout", "a number in [0, 1]", where, 0.0)
     if j.get("iter_decider") == "MLPIterDecider":
-        k = j.get("iter_decider_kwargs") or {}
-        if k.get("normalize_input"):
-            raise ValueError("tah_config.json: the decider's normalize_input=true is not "
-                             "implemented")
-        t.decider_layers, t.decider_topk = list(k["hidden_states_layer_nums"]), k.get("topk", 100)
-        t.decider_dims, t.decider_expansion = list(k["hidden_dims"]), k.get("expansion_factor", 4)
-        t.decider_dropout, t.threshold = k.get("dropout_rate", 0.1), k.get("threshold", 0.9)
+        k = "iter_decider_kwargs."
+        if _get(j, k + "normalize_input", "true or false", where, False):
+            raise ValueError(f"{where}: the decider's normalize_input=true is not implemented")
+        t.decider_layers = _get(j, k + "hidden_states_layer_nums", INTS, where,
+                                most=config.num_hidden_layers)  # 0 = embeddings ... L = final norm
+        t.decider_dims = _get(j, k + "hidden_dims", INTS, where)
+        t.decider_topk = _get(j, k + "topk", SIZE, where, 100, config.vocab_size)
+        t.decider_expansion = _get(j, k + "expansion_factor", SIZE, where, 4)
+        t.decider_dropout = _get(j, k + "dropout_rate", "a number in [0, 1]", where, 0.1)
+        t.threshold = _get(j, k + "threshold", "a number in [0, 1]", where, 0.9)
     elif j.get("iter_decider") not in (None, "IterLabelDecider"):
-        raise ValueError(f"tah_config.json: iter_decider = {j['iter_decider']!r}; tah.py "
-                         "implements 'MLPIterDecider' (or none: a stage-1 model that iterates "
-                         "by oracle labels)")
+        raise ValueError(f"{where}: iter_decider = {j['iter_decider']!r}; tah.py implements "
+                         "'MLPIterDecider' (or none: a stage-1 model that iterates by oracle "
+                         "labels)")
     return t
 
 
@@ -749,9 +790,11 @@ def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
     return j
 
 
-def _read_decider(d: Path) -> dict:
+def _read_decider(d: Path) -> tuple[Path, dict]:
+    """The decider's file and its tensors in fp32 (names without the `decider.` prefix)."""
     if (d / "decider.safetensors").exists():
-        return _read_safetensors([d / "decider.safetensors"], "cpu")
+        return d / "decider.safetensors", _read_safetensors([d / "decider.safetensors"], "cpu",
+                                                            torch.float32)
     path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
     if not path.exists():
         raise FileNotFoundError(f"{d}: tah_config.json names a decider but there is no "
@@ -759,33 +802,43 @@ def _read_decider(d: Path) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True) "
-                         f"({type(e).__name__}); tah never unpickles arbitrary objects. Re-save "
-                         "the decider's state_dict "
-                         "as decider.safetensors with a tool you trust.") from None
-    state = dict(blob["state_dict"])
-    state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
-    return {k: v.float() for k, v in state.items()}
+        raise ValueError(f"{path} cannot be read by torch.load(weights_only=True) "
+                         f"({type(e).__name__}): damaged, or more than tensors (tah never unpickles"
+                         " arbitrary objects). Re-save its state_dict as decider.safetensors with"
+                         " a tool you trust") from None
+    state = blob.get("state_dict") if type(blob) is dict else None
+    if type(state) is not dict or not all(type(k) is str and isinstance(v, torch.Tensor)
+                                          and v.is_floating_point() for k, v in state.items()):
+        raise ValueError(f"{path} is not a decider: a dict whose 'state_dict' maps names to "
+                         "floating-point tensors; download the checkpoint again")
+    # tah_config.json's threshold wins, as in the authors' loader
+    return path, {k: v.float() for k, v in state.items() if k != "threshold"}
 
 
-def _assign(model: TaH, state: dict, where) -> TaH:
-    """Puts `state` into a model built on the meta device, strictly: every tensor named, every
-    shape checked, nothing missing or extra. Ties the head to the embeddings where the config
-    says so (the one place that does)."""
-    if model.config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
-        state.pop("lm_head.weight", None)
-        if "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    expected = model.state_dict()
+def _match(state: dict, expected: dict, where) -> None:
+    """Strict loading: `state` has the tensors of `expected`, no more, no fewer, each of its
+    shape and floating point. `where` names the file(s) they came from."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{where}: the weights do not match config.json/tah_config.json: "
                          f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                         f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+                         f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; "
+                         "the files do not belong together: download or save them again")
     for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)} but the config "
-                             f"implies {tuple(expected[k].shape)}")
+        if v.shape != expected[k].shape or not v.is_floating_point():
+            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)} ({v.dtype}) but "
+                             f"the configs imply {tuple(expected[k].shape)} (floating point); "
+                             "the files do not belong together: download or save them again")
+
+
+def _assign(model: TaH, state: dict, where) -> TaH:
+    """Puts `state` into a model built on the meta device, strictly (see `_match`). Ties the
+    head to the embeddings where the config says so (the one place that does)."""
+    if model.config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
+        state.pop("lm_head.weight", None)
+        if "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    _match(state, model.state_dict(), where)
     model.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -797,24 +850,42 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
     Reads config.json and model.safetensors (or its shards); with tah_config.json also lora/ and
     the decider (decider.safetensors, or the authors' iter_decider.bin). Without tah_config.json
     the model is plain Qwen3. dtype defaults to float32 on the CPU and bfloat16 elsewhere; the
-    decider stays float32. To train new TaH parts on top, see `add_parts`."""
+    decider stays float32. To train new TaH parts on top, see `add_parts`. A file that is
+    missing, damaged or at odds with the others is an error that names it."""
     d = resolve(path_or_id)
-    config = Qwen3Config.from_dict(_read_json(d / "config.json"))
-    tah = tah_config_from_json(_read_json(d / "tah_config.json")) \
+    config = Qwen3Config.from_dict(_read_json(d / "config.json"), d / "config.json")
+    tah = tah_config_from_json(_read_json(d / "tah_config.json"), config, d / "tah_config.json") \
         if (d / "tah_config.json").exists() else TaHConfig(lora_r=0)
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     with torch.device("meta"):
         model = TaH(config, tah)
-    state = _read_safetensors(_backbone_files(d), device, dtype)
+    want = model.state_dict()  # each file must hold exactly its part of it
+    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
+        want.pop("lm_head.weight")
+    files = _backbone_files(d)
+    state = _read_safetensors(files, device, dtype)
+    state = {k: v for k, v in state.items() if k in want or k != "lm_head.weight"}
+    _match(state, {k: v for k, v in want.items() if ".lora_" not in k and "decider." not in k},
+           ", ".join(map(str, files)))
     if tah.lora_r:
-        lora = d / "lora" / "adapter_model.safetensors"
+        lora, peft = d / "lora" / "adapter_model.safetensors", d / "lora" / "adapter_config.json"
         if not lora.exists():
             raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {lora} "
                                     "is missing")
-        state.update(_read_safetensors([lora], device, dtype, prefix="base_model.model."))
+        j = _read_json(peft) if peft.exists() else {}  # PEFT's record of the same adapter
+        theirs = j.get("r", tah.lora_r), j.get("lora_alpha", tah.lora_alpha)
+        if theirs != (tah.lora_r, tah.lora_alpha):
+            raise ValueError(f"{peft}: r, lora_alpha = {theirs} disagree with tah_config.json's "
+                             f"{tah.lora_r, tah.lora_alpha}; make the two files agree")
+        part = _read_safetensors([lora], device, dtype, prefix="base_model.model.")
+        _match(part, {k: v for k, v in want.items() if ".lora_" in k}, lora)
+        state |= part
     if model.decider is not None:
-        state.update({"decider." + k: v.to(device) for k, v in _read_decider(d).items()})
+        path, part = _read_decider(d)
+        part = {"decider." + k: v.to(device) for k, v in part.items()}
+        _match(part, {k: v for k, v in want.items() if "decider." in k}, path)
+        state |= part
     return _assign(model, state, d).eval()
 
 
