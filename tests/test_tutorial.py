@@ -50,11 +50,12 @@ def prose(text: str) -> str:
 
 @functools.cache
 def _class_sets(cls: type, name: str) -> bool:
-    """Whether some method of cls (or a base defined in tah.py) assigns self.<name>."""
+    """Whether some method of cls (or a base defined in tah.py) assigns self.<name> (also
+    annotated, `self.kv: dict = {}`, or as one of several targets)."""
     for klass in cls.__mro__:
         if getattr(klass, "__module__", None) != "tah":
             continue
-        if re.search(rf"\bself\.{name}\b\s*(=|,[^=\n]*=)(?!=)", inspect.getsource(klass)):
+        if re.search(rf"\bself\.{name}\b\s*(=|[:,][^=\n]*=)(?!=)", inspect.getsource(klass)):
             return True
     return False
 
@@ -178,7 +179,7 @@ def test_cited_names_exist(page):
 
 def test_citation_check_catches_made_up_names():
     text = ("`tah.duo_causal_mask`, `TaH.forward`, `tah.KVCache.write`, `TaHConfig.decider_dims`, "
-            "`TaH.decider`, `Output.logits`, `torch.nn.Linear`, `model.decider`, `x`\n"
+            "`TaH.decider`, `Keys.kv`, `Output.logits`, `torch.nn.Linear`, `model.decider`, `x`\n"
             "```python\n`tah.inside_code_is_not_prose`\n```\n"
             "`train.oracle_labels`, `train.py`, `tah.py`\n"
             "`tah.no_such_function`, `TaH.no_such_method`, `tah.KVCache.nope`, `Decider.forward.x`, "
