@@ -13,16 +13,18 @@
 4. Fits peak = fixed + tokens x per_token, prints measured against predicted, and extrapolates
    (clearly labelled) to bf16 autocast on a GPU at 4096 and 8192 tokens for Qwen3-0.6B and -1.7B.
 
-    python bench/rehearse.py --tokenizer /path/to/qwen3-tokenizer            # all of it (~15 min, 2 cores)
-    python bench/rehearse.py --tokenizer DIR --skip-pipeline --lengths 128 256 # memory only
-    python bench/rehearse.py --tokenizer DIR --skip-memory                    # the pipeline only
+    python bench/rehearse.py --tokenizer /path/to/qwen3-tokenizer        # all of it (2 idle cores: ~15 min)
+    python bench/rehearse.py --tokenizer DIR --skip-pipeline              # the memory runs only
+    python bench/rehearse.py --tokenizer DIR --skip-memory                # the pipeline only
+    python bench/rehearse.py --tokenizer DIR --lengths 128 256 --bf16-lengths   # fewer runs, fp32 only
 
 The tokenizer folder holds Qwen3's tokenizer.json and tokenizer_config.json; nothing downloads.
-Memory is measured on this CPU in fp32; the GPU numbers are extrapolations, not measurements.
+Memory is measured on this CPU, in fp32 and under CPU bf16 autocast; the GPU numbers are
+extrapolations from those constants, not measurements. One stage-1 step at 0.6B needs ~12 GB.
 """
 from __future__ import annotations
 
-import argparse, dataclasses, json, os, random, resource, subprocess, sys, tempfile, time
+import argparse, json, os, random, subprocess, sys, tempfile, time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: the CPU is shared
@@ -84,15 +86,15 @@ def write_inputs(work: Path, tokenizer: Path) -> tuple[Path, Path]:
 
 
 def run_stage(name: str, cmd: list[str], log: Path) -> tuple[float, int]:
-    """Runs cmd from the repository root, its output shown as it comes and kept in log; returns the
-    seconds it took and its exit status."""
+    """Runs cmd from the repository root, its output shown as it comes (with the seconds since the
+    start, which time the stages inside) and kept in log; returns the seconds and the exit status."""
     print(f"\n$ {' '.join(cmd)}", flush=True)
     t = time.time()
     with open(log, "w") as f, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                text=True) as p:
         for line in p.stdout:
             f.write(line)
-            print(f"  | {line}", end="", flush=True)
+            print(f"  |{time.time() - t:5.0f}s | {line}", end="", flush=True)
     dt = time.time() - t
     print(f"[{name}: {dt:.0f} s, exit {p.returncode}]", flush=True)
     return dt, p.returncode
@@ -138,10 +140,16 @@ def chunked_ce(logits: torch.Tensor, tgt: torch.Tensor, chunk: int = CHUNK) -> t
                for i in range(0, logits.shape[1], chunk))
 
 
+PHASES = ["forward", "logits", "layers", "optimizer"]  # the parts of a step whose peaks measure() keeps apart
+
+
 def measure(model_dir: str, length: int, threads: int, chunk: int, bf16: bool) -> dict:
-    """In this (fresh) process: resident bytes at each point of one stage-1 step of `length` tokens,
-    on the checkpoint model_dir loaded as train.py's stage 1 does (fp32 master weights, a fresh LoRA),
-    the CE in chunks of `chunk` positions, under bf16 autocast if bf16."""
+    """In this (fresh) process: the peak resident bytes of each phase of one stage-1 step of `length`
+    tokens, on the checkpoint model_dir loaded as train.py's stage 1 does (fp32 master weights, a fresh
+    LoRA), the CE in chunks of `chunk` positions, under bf16 autocast if bf16. The phases: forward (with
+    the loss), logits (backward until the first layer is recomputed: CE, logits, lm_head), layers (the
+    rest of backward), optimizer (clipping and the AdamW step). Gradients exist before the step, as
+    for every micro-batch of a step but the first (train.py's 0.6b: 128 micro-batches of one row)."""
     if threads:
         torch.set_num_threads(threads)
     r = {"start": status_bytes("VmRSS")}
@@ -158,30 +166,40 @@ def measure(model_dir: str, length: int, threads: int, chunk: int, bf16: bool) -
     for p in params:  # AdamW allocates its two moments in its first step: take one on zero gradients
         p.grad = torch.zeros_like(p)
     opt.step()
+    opt.zero_grad(set_to_none=False)  # gradients stay allocated, as between micro-batches
     r["fixed"] = status_bytes("VmRSS")  # weights + gradients + AdamW moments, no activations
-    opt.zero_grad(set_to_none=True)  # as train.py between steps: gradients are freed
-    r["between_steps"] = status_bytes("VmRSS")
 
     g = torch.Generator().manual_seed(length)
     ids = torch.randint(0, config.vocab_size, (1, length), generator=g)
     tgt = F.pad(ids[:, 1:], (0, 1), value=-100)  # every position predicts the next token
     passes = 1 + (torch.rand(1, length, generator=g) < HARD).long()
     passes[:, -1] = 1  # the last position has no next token: never hard (as the oracle)
+    peaks = {}
+
+    def end_of(phase: str) -> None:  # the peak since the last mark, then a fresh start
+        peaks[phase] = status_bytes("VmHWM")
+        reset_peak()
+
+    # the last layer runs first in backward (recomputed by its checkpoint): the logits phase ends there
+    hook = model.model.layers[-1].register_forward_pre_hook(
+        lambda *_: end_of("logits") if "forward" in peaks and "logits" not in peaks else None)
     reset_peak()
     t = time.time()
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         out = model(ids, passes)
-        r["after_forward"] = status_bytes("VmRSS")
         loss = chunked_ce(out.logits, tgt, chunk) / length
     del out
+    end_of("forward")
     loss.backward()
-    r["after_backward"], r["peak_backward"] = status_bytes("VmRSS"), status_bytes("VmHWM")
+    end_of("layers")
+    hook.remove()
     torch.nn.utils.clip_grad_norm_(params, 0.2)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=False)
+    end_of("optimizer")
     r["seconds"] = time.time() - t
-    r["peak"] = status_bytes("VmHWM")
-    r.update(length=length, chunk=chunk, bf16=bf16, hard=int((passes > 1).sum()))
+    r.update(peaks, length=length, chunk=chunk, bf16=bf16, hard=int((passes > 1).sum()))
+    r["peak"] = max(peaks[k] for k in PHASES)
     return r
 
 
@@ -196,17 +214,18 @@ def child_measure(model_dir: Path, length: int, threads: int, chunk: int = CHUNK
 
 
 # ----------------------------------------------------------------------------- 4. the estimator
-# Model: peak(T) = fixed + T * per_token + min(T, chunk) * ce, for a micro-batch of T tokens, where
-#   fixed     = 16 P (fp32 weights, gradients, two AdamW moments) + m * 4VH (dense (V, H) fp32 gradient
-#               buffers of the tied embedding alive in backward) + w * 2P (bf16 weight copies autocast keeps)
-#   per_token = L * (4 (1 + f) H + kv_bytes * KV) + b * V: each checkpointed layer keeps its fp32 input
-#               (the residual stream stays fp32 under autocast) for every pass a token gets (f = share of
-#               tokens with pass 2), and pass 1's keys and values (KV = kv heads x head_dim; fp32 k and v:
-#               8 bytes, under autocast fp32 k and bf16 v: 6), which pass 2 attends to; b * V is the
-#               (T, V) logits and their gradients
-#   ce        = c * V: the fp32 internals of one cross-entropy chunk (log-softmax, gradients), bounded by
-#               the chunk of 1024 positions.
-# L, H, KV and V are theory (what autograd saves); m, b, c (and w) are fitted to the measurements.
+# For each phase of a step (forward, logits, layers) a line in the tokens T of the micro-batch:
+#   peak = 16 P + extra + T * (L * (4 (1 + f) H + kvb * KV) + b V) + min(T, chunk) * c V
+# 16 P: fp32 weights, gradients and two AdamW moments (P parameters). extra: what does not grow with T,
+# in bytes per parameter for the forward (autocast keeps a bf16 copy of every weight it casts until the
+# forward's autocast region ends) and in units of V H for the others (the (V, H) tied embedding's
+# gradient buffers, the bf16 copy of lm_head that its backward keeps). Per token: each checkpointed
+# layer keeps its fp32 input (the residual stream stays fp32 under autocast) for every pass a token
+# gets (f = share of tokens with pass 2), and pass 1's keys and values (KV = kv heads x head_dim; fp32
+# k and v: kvb = 8; under autocast fp32 k and bf16 v: 6), which pass 2 attends to; b V is the (T, V)
+# logits and their gradients; c V the fp32 internals of one cross-entropy chunk (at most 1024
+# positions). L, H, KV, V are theory (what autograd keeps); extra, b and c are fitted per phase.
+# The step's peak is the largest phase, or the optimizer step's (16 P + a constant) if that is larger.
 
 
 def n_params(c: tah.Qwen3Config, lora_r: int) -> int:
@@ -225,95 +244,117 @@ def layer_bytes(c: tah.Qwen3Config, f: float, kv_bytes: float) -> float:
 
 def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares intercept and slope."""
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
 
 def calibrate(runs: list[dict], chunked: dict | None, bf16: bool) -> dict:
-    """Fits the model above to one dtype's runs (lengths <= 1024 with 1024-position CE chunks, and one run
-    with small chunks that separates the chunk's internals from the per-token part)."""
+    """Fits each phase's line to one dtype's runs (lengths <= 1024 with 1024-position CE chunks, and one
+    run with small chunks: what it saves against the line is the chunk's memory for the positions it left out)."""
     c, f = SHAPES["0.6b"], sum(r["hard"] for r in runs) / sum(r["length"] for r in runs)
-    V, H, P = c.vocab_size, c.hidden_size, runs[0]["params"]
-    fixed, slope = line_fit([r["length"] for r in runs], [r["peak_backward"] for r in runs])
-    # the same length with small chunks: what it saves is the chunk's memory for the positions it left out
-    ce = (fixed + slope * chunked["length"] - chunked["peak_backward"]) / (chunked["length"] - chunked["chunk"]) \
-        if chunked else 0.0
-    kv_bytes = 6 if bf16 else 8
-    b = (slope - ce - layer_bytes(c, f, kv_bytes)) / V
-    runtime = runs[0]["start"]  # Python and torch before the model: on a GPU, outside max_memory_allocated
-    extra = fixed - runtime - 16 * P
-    return dict(fixed=fixed, slope=slope, ce=ce / V, b=b, f=f, kv_bytes=kv_bytes, runtime=runtime,
-                m=extra / (V * H), opt=max(r["peak"] - r["peak_backward"] for r in runs))
+    V, H, P, runtime = c.vocab_size, c.hidden_size, runs[0]["params"], runs[0]["start"]
+    k = dict(f=f, kv_bytes=6 if bf16 else 8, runtime=runtime)
+    for ph in ("forward", "logits", "layers"):
+        fixed, slope = line_fit([r["length"] for r in runs], [r[ph] for r in runs])
+        ce = (fixed + slope * chunked["length"] - chunked[ph]) / (chunked["length"] - chunked["chunk"]) \
+            if chunked else 0.0
+        extra = fixed - runtime - 16 * P
+        k[ph] = dict(fixed=fixed, slope=slope, c=ce / V, b=(slope - ce - layer_bytes(c, f, k["kv_bytes"])) / V,
+                     extra=extra / P if ph == "forward" else extra / (V * H))
+    k["optimizer"] = max(r["optimizer"] for r in runs) - runtime - 16 * P  # CPU AdamW: one tensor at a time
+    return k
 
 
-def predict(k: dict, c: tah.Qwen3Config, T: int, lora_r: int, f: float | None = None, chunk: int = CHUNK) -> float:
-    """The calibrated estimate of the backward peak for config c at T tokens, without the runtime."""
-    f, V = k["f"] if f is None else f, c.vocab_size
-    return (16 * n_params(c, lora_r) + k["m"] * V * c.hidden_size
-            + T * (layer_bytes(c, f, k["kv_bytes"]) + k["b"] * V) + min(T, chunk) * k["ce"] * V)
+def predict(k: dict, c: tah.Qwen3Config, T: int, lora_r: int, f: float | None = None, chunk: int = CHUNK,
+            gpu: bool = False) -> dict:
+    """The calibrated peak of each phase (bytes, no runtime) for config c at T tokens; on a GPU the
+    optimizer phase is 20 P: AdamW's foreach path makes one parameter-sized temporary for all tensors."""
+    f, V, P = k["f"] if f is None else f, c.vocab_size, n_params(c, lora_r)
+    out = {}
+    for ph in ("forward", "logits", "layers"):
+        q = k[ph]
+        extra = q["extra"] * P if ph == "forward" else q["extra"] * V * c.hidden_size
+        out[ph] = 16 * P + extra + T * (layer_bytes(c, f, k["kv_bytes"]) + q["b"] * V) + min(T, chunk) * q["c"] * V
+    out["optimizer"] = 20 * P if gpu else 16 * P + k["optimizer"]
+    out["peak"] = max(out.values())
+    return out
 
 
 def attention_scores(c: tah.Qwen3Config, T: int) -> float:
-    """Bytes of (heads, T, S) fp32 score-sized buffers SDPA's math kernel holds in one layer's backward
+    """Bytes of (heads, T, T) fp32 score-sized buffers SDPA's math kernel holds in one layer's backward
     (scores, saved probabilities, their gradient): what a GPU pays if SDPA cannot take a mask with GQA."""
     return 3 * 4 * c.num_attention_heads * T * T  # pass 1's layers: T queries, T keys (pass 2's are fewer)
 
 
-def memory(model_dir: Path, lengths: list[int], bf16_lengths: list[int], chunk_run: list[int], threads: int) -> None:
+def memory(model_dir: Path, lengths: list[int], bf16_lengths: list[int], chunk_run: list[int], check: int,
+           threads: int) -> None:
     """The measurements, one fresh process each and one at a time, then the fit and the extrapolation."""
-    print(f"\n== 3. peak resident memory of one stage-1 step (measured on this CPU, one process each) ==")
-    print("lengths are tokens of one row (micro-batch 1); LoRA r16, grad checkpointing, ~15% of tokens iterate;\n"
-          "peak_bwd = VmHWM through forward and backward, peak = also through clip + AdamW step")
-    print(f"{'dtype':13} {'tokens':>6} {'chunk':>5} {'hard':>4} {'weights':>8} {'fixed':>8} {'between':>8} "
-          f"{'fwd_end':>8} {'peak_bwd':>8} {'peak':>8} {'step s':>6}   (GiB; fixed = weights+grads+AdamW)")
-    runs = {False: [], True: []}
-    chunked = {}
-    # per dtype: the lengths with 1024-position CE chunks, then one length again with small chunks, whose
-    # difference from the fitted line is the memory of a chunk's positions
+    print("\n== 3. peak resident memory of one stage-1 step (MEASURED on this CPU, one process each) ==")
+    print("one row of T tokens (micro-batch 1), LoRA r16, grad checkpointing, ~15% of tokens iterate, gradients\n"
+          "already allocated (every micro-batch but a step's first); fixed = weights + grads + AdamW moments;\n"
+          "then the peak of each phase: forward (+loss), logits (backward to the first layer), layers (the rest\n"
+          "of backward), optimizer (clip + AdamW); GiB, resident memory including ~0.2 GiB of Python and torch")
+    print(f"{'dtype':13} {'tokens':>6} {'chunk':>5} {'hard':>4} {'fixed':>6} "
+          + " ".join(f"{ph:>9}" for ph in PHASES) + f" {'step s':>6}")
+    runs, chunked = {False: [], True: []}, {}
+    # per dtype: the lengths with 1024-position CE chunks, then one length again with small chunks
     plan = [(T, CHUNK, bf16) for bf16, Ts in ((False, lengths), (True, bf16_lengths)) for T in Ts] + \
         [(*chunk_run, bf16) for bf16, Ts in ((False, lengths), (True, bf16_lengths)) if len(Ts) > 1]
     plan.sort(key=lambda x: x[2])  # fp32 first
+    plan += [(check, CHUNK, False)] * bool(check)  # held out of the fit: predicted, then compared
     for T, chunk, bf16 in plan:
         r = child_measure(model_dir, T, threads, chunk, bf16)
-        (runs[bf16] if chunk == CHUNK else chunked.__setitem__(bf16, r) or []).append(r)
-        print(f"{'bf16 autocast' if bf16 else 'fp32':13} {T:6} {chunk:5} {r['hard']:4} {r['weights'] / GIB:8.2f} "
-              f"{r['fixed'] / GIB:8.2f} {r['between_steps'] / GIB:8.2f} {r['after_forward'] / GIB:8.2f} "
-              f"{r['peak_backward'] / GIB:8.2f} {r['peak'] / GIB:8.2f} {r['seconds']:6.0f}", flush=True)
-    c = SHAPES["0.6b"]
-    cal = {}
-    print("\n== 4. the estimator: peak = 16 P + m V H + T (L (4 (1 + f) H + kvb KV) + b V) + min(T, 1024) c V ==")
+        if (T, bf16) == (check, False) and len(runs[False]) == len(lengths):
+            held = r
+        elif chunk == CHUNK:
+            runs[bf16].append(r)
+        else:
+            chunked[bf16] = r
+        print(f"{'bf16 autocast' if bf16 else 'fp32':13} {T:6} {chunk:5} {r['hard']:4} {r['fixed'] / GIB:6.2f} "
+              + " ".join(f"{r[ph] / GIB:9.2f}" for ph in PHASES) + f" {r['seconds']:6.0f}", flush=True)
+    c, cal = SHAPES["0.6b"], {}
+    print("\n== 4. the estimator, per phase: 16 P + extra + T (L (4 (1 + f) H + kvb KV) + b V) + min(T, 1024) c V ==")
     for bf16 in (False, True):
         if len(runs[bf16]) < 2:
             continue
         k = cal[bf16] = calibrate(runs[bf16], chunked.get(bf16), bf16)
-        name = "bf16 autocast" if bf16 else "fp32"
-        print(f"{name}: fitted line peak_bwd = {k['fixed'] / GIB:.2f} GiB + T x {k['slope'] / 2**20:.3f} MiB; "
-              f"f = {k['f']:.3f}, kvb = {k['kv_bytes']}, m = {k['m']:.2f}, b = {k['b']:.2f}, c = {k['ce']:.2f} "
-              f"bytes; runtime (not a model's) {k['runtime'] / GIB:.2f} GiB; optimizer step adds "
-              f"{k['opt'] / GIB:.2f} GiB over peak_bwd at most")
-        print(f"  {'tokens':>6} {'chunk':>5} {'measured':>9} {'predicted':>9} {'error':>6}")
+        print(f"{'bf16 autocast' if bf16 else 'fp32'}: f = {k['f']:.3f}, kvb = {k['kv_bytes']}, runtime "
+              f"{k['runtime'] / GIB:.2f} GiB (not the model's); optimizer phase 16 P + {k['optimizer'] / GIB:.2f} GiB")
+        for ph in ("forward", "logits", "layers"):
+            q = k[ph]
+            unit = "bytes/param" if ph == "forward" else "x V H"
+            print(f"  {ph:8} line {q['fixed'] / GIB:6.2f} GiB + T x {q['slope'] / 2**20:.3f} MiB: extra {q['extra']:.2f} "
+                  f"{unit}, b = {q['b']:.2f}, c = {q['c']:.2f} bytes")
+        print(f"  {'tokens':>6} {'chunk':>5} {'measured':>9} {'predicted':>9} {'error':>6}  (step peak: the largest phase)")
         for r in runs[bf16] + ([chunked[bf16]] if bf16 in chunked else []):
-            p = predict(k, c, r["length"], STAGE1.lora_r, r["hard"] / r["length"], r["chunk"]) + k["runtime"]
-            print(f"  {r['length']:6} {r['chunk']:5} {r['peak_backward'] / GIB:8.2f}G {p / GIB:8.2f}G "
-                  f"{100 * (p / r['peak_backward'] - 1):+5.1f}%")
+            p = predict(k, c, r["length"], STAGE1.lora_r, r["hard"] / r["length"], r["chunk"])["peak"] + k["runtime"]
+            print(f"  {r['length']:6} {r['chunk']:5} {r['peak'] / GIB:8.2f}G {p / GIB:8.2f}G "
+                  f"{100 * (p / r['peak'] - 1):+5.1f}%  (fitted)")
+        if check and not bf16:
+            p = predict(k, c, check, STAGE1.lora_r, held["hard"] / check)
+            print(f"  {check:6} {CHUNK:5} {held['peak'] / GIB:8.2f}G {(p['peak'] + k['runtime']) / GIB:8.2f}G "
+                  f"{100 * ((p['peak'] + k['runtime']) / held['peak'] - 1):+5.1f}%  (HELD OUT of the fit; "
+                  + ", ".join(f"{ph} {held[ph] / GIB:.2f}G vs {(p[ph] + k['runtime']) / GIB:.2f}G"
+                              for ph in ("forward", "logits", "layers")) + ")")
     if True not in cal:
         return
     k = cal[True]
-    print("\n== EXTRAPOLATED (not measured): one GPU, bf16 autocast, micro-batch 1, f = 0.15 of tokens iterating ==")
-    print("backward peak from the bf16 constants above without the runtime; the AdamW step (foreach on CUDA)\n"
-          "peaks at 20 P (weights, grads, moments + one param-sized temporary); attention: + the math-kernel\n"
-          "score buffers if SDPA falls back to it (a boolean mask with enable_gqa=True on CUDA)")
-    print(f"{'model':6} {'tokens':>6} {'params':>7} {'16P':>6} {'acts':>6} {'bwd_peak':>8} {'adamw':>6} "
-          f"{'O(T) attn':>9} {'math attn':>9}  (GiB)")
+    print("\n== EXTRAPOLATED, NOT MEASURED: one GPU, bf16 autocast, micro-batch 1, f = 0.15 of the tokens iterate ==")
+    print("each phase from the CPU bf16-autocast constants above (no runtime; CUDA context and allocator slack\n"
+          "come on top); optimizer = 20 P (CUDA AdamW's foreach path: one temporary the size of all parameters);\n"
+          "'+math attn' adds the (heads, T, T) fp32 buffers of SDPA's math kernel, which CUDA falls back to\n"
+          "when a boolean mask comes with enable_gqa=True (the CPU's flash kernel takes both: not measured here)")
+    print(f"{'model':5} {'tokens':>6} {'params':>7} {'16P':>5} " + " ".join(f"{ph:>9}" for ph in PHASES)
+          + f" {'peak':>6} {'+math attn':>10}  (GiB)")
     for name, lora_r in (("0.6b", 16), ("1.7b", 32)):
         cfg = SHAPES[name]
         P = n_params(cfg, lora_r)
         for T in (4096, 8192):
-            bwd = predict(k, cfg, T, lora_r, 0.15)
-            peak = max(bwd, 20 * P)
-            print(f"{name:6} {T:6} {P / 1e9:6.2f}B {16 * P / GIB:6.1f} {(bwd - 16 * P) / GIB:6.1f} {bwd / GIB:8.1f} "
-                  f"{20 * P / GIB:6.1f} {peak / GIB:9.1f} {(bwd + attention_scores(cfg, T)) / GIB:9.1f}")
+            e = predict(k, cfg, T, lora_r, 0.15, gpu=True)
+            math_attn = max(e["peak"], e["layers"] + attention_scores(cfg, T))
+            print(f"{name:5} {T:6} {P / 1e9:6.2f}B {16 * P / GIB:5.1f} " + " ".join(f"{e[ph] / GIB:9.1f}" for ph in PHASES)
+                  + f" {e['peak'] / GIB:6.1f} {math_attn / GIB:10.1f}")
 
 
 def main() -> None:
@@ -325,6 +366,8 @@ def main() -> None:
                    help="tokens of the memory runs under bf16 autocast (none: skip them)")
     p.add_argument("--chunk-run", type=int, nargs=2, default=[256, 64], metavar=("TOKENS", "CHUNK"),
                    help="the run that separates the CE chunk's memory: its length and smaller chunk")
+    p.add_argument("--check-length", type=int, default=768,
+                   help="an fp32 run left out of the fit, to compare with the estimate (0: none)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads of every process (0: PyTorch's default)")
     p.add_argument("--skip-pipeline", action="store_true", help="only the memory runs")
     p.add_argument("--skip-memory", action="store_true", help="only the pipeline")
@@ -346,7 +389,7 @@ def main() -> None:
             times.update(pipeline(work, model, rows, a.threads))
         if not a.skip_memory:
             t = time.time()
-            memory(model, a.lengths, a.bf16_lengths or [], a.chunk_run, a.threads)
+            memory(model, a.lengths, a.bf16_lengths or [], a.chunk_run, a.check_length, a.threads)
             times["memory runs"] = (time.time() - t, 0)
     print("\n== timings (a 2-core machine shared with other jobs: pessimistic) ==")
     for name, (dt, rc) in times.items():
