@@ -28,17 +28,29 @@ def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
         diff = (a.float() - b.float()).abs().max().item()
         assert diff <= atol, f"max abs diff {diff} > {atol}"
 
+def _inside(p: str, root: str) -> bool:
+    return p == root or p.startswith(root.rstrip(os.sep) + os.sep)
+
+
 # Folders beside the checkout that a test may still touch: the Python installation (a venv is
 # often made next to the clone) and the temporary directory (pytest's tmp_path lives there).
-ALLOWED = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                         tempfile.gettempdir(), *sysconfig.get_paths().values())}
+# A folder that holds the checkout itself (a clone made inside /tmp) cannot be allowed whole.
+TEMP = os.path.realpath(tempfile.gettempdir())
+ALLOWED = {a for a in map(os.path.realpath, (sys.prefix, sys.base_prefix, sys.exec_prefix, TEMP,
+                                              *sysconfig.get_paths().values()))
+           if not _inside(str(ROOT), a)}
 
 
 def outside_repository(path) -> bool:
     """True for a path next to the checkout (under its parent folder, not inside it)."""
     p = os.path.realpath(os.fsdecode(path))
-    inside = lambda root: p == root or p.startswith(root + os.sep)  # noqa: E731
-    return inside(str(ROOT.parent)) and not inside(str(ROOT)) and not any(map(inside, ALLOWED))
+    if not _inside(p, str(ROOT.parent)) or _inside(p, str(ROOT)):
+        return False
+    if any(_inside(p, a) for a in ALLOWED):
+        return False
+    # a checkout right in the temporary directory: pytest's and tempfile's folders sit beside it
+    first = os.path.relpath(p, TEMP).split(os.sep)[0] if _inside(p, TEMP) else ""
+    return not first.startswith(("pytest-of-", "tmp"))
 
 
 OPENED_OUTSIDE: list[str] = []
