@@ -88,13 +88,12 @@ POLICIES = ["standard", "always", "oracle", "decider"]
 OPENR1_MAX_TOKENS = 8192  # the authors drop a problem whose chosen generation is this long
 PRUNE_ROWS, PRUNE_LEN = 16, 4096  # the authors' pruning calibration: 16 held-out rows, 4096 tokens
 
-# Stage-1 peak memory. Per parameter: the fp32 weight, its gradient and AdamW's two moments, plus
-# autocast's 16-bit copy of the weight. Per token of a micro-batch, in elements of the autocast
-# dtype (estimates from first principles until measured): per layer and unit of hidden size, the
-# layer input that checkpointing keeps (the fp32 residual: 2 bf16 elements) and the keys and values
-# pass 2 reads (2 n_kv head_dim / H = 2 for Qwen3-0.6B/1.7B), x1.15 for pass 2 on ~15% of the
-# tokens; per vocabulary entry the logits and their gradient, x1.15 likewise. Plus one chunk of
-# chunked_ce's fp32 logits and their gradient.
+# Stage-1 peak memory. Per parameter: the fp32 weight, its gradient, AdamW's two moments, and
+# autocast's 16-bit copy. Per token of a micro-batch, in elements of the autocast dtype (first
+# principles until measured): per layer and unit of hidden size, the fp32 layer input that
+# checkpointing keeps (2) and the keys and values pass 2 reads (2 n_kv head_dim / H = 2 for
+# Qwen3-0.6B/1.7B), x1.15 for pass 2 on ~15% of the tokens; per vocabulary entry the logits and
+# their gradient, x1.15 likewise. Plus one chunk of chunked_ce's fp32 logits and their gradient.
 BYTES_PER_PARAM = 16
 ACT_PER_LAYER_HIDDEN = 4.6
 ACT_PER_VOCAB = 2.3
@@ -210,8 +209,8 @@ def chat_data(rows, tok: tah.Tokenizer, max_len: int, long_rows: str, run) -> di
         prompts = [tok.chat(m) for m, _ in chunk]
         whole = [tok.chat(m + [dict(role="assistant", content=r)], add_generation_prompt=False)
                  for m, r in chunk]
-        n["read"], n["no_think"] = n["read"] + len(chunk), n["no_think"] + sum(
-            "</think>" not in r for _, r in chunk)
+        n["read"] += len(chunk)
+        n["no_think"] += sum("</think>" not in r for _, r in chunk)
         for p, r in zip(encode(prompts), encode([w[len(p):] for w, p in zip(whole, prompts)])):
             ids = p.ids + r.ids
             if len(ids) > max_len and (long_rows == "drop" or len(p.ids) >= max_len - 1):
@@ -226,14 +225,12 @@ def chat_data(rows, tok: tah.Tokenizer, max_len: int, long_rows: str, run) -> di
             f"{n['dropped']} dropped; {n['no_think']} had no think block and got an empty one")
     if len(seqs) < 2:
         fail(f"only {len(seqs)} usable rows; give more data or a larger --max-len")
-    lens, start = torch.tensor([len(s) for s in seqs]), torch.tensor(start)
-    offsets = F.pad(lens.cumsum(0), (1, 0))
-    row = torch.repeat_interleave(torch.arange(len(seqs)), lens)
-    target = (torch.arange(int(lens.sum())) - offsets[row] >= start[row]).to(torch.uint8)
-    perm, n_held = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(42)), \
-        max(1, len(seqs) // 100)
-    return dict(ids=torch.cat(seqs), target=target, offsets=offsets, start=start,
-                train=perm[n_held:], held=perm[:n_held])
+    target = torch.cat([torch.arange(len(s)) >= p for s, p in zip(seqs, start)]).to(torch.uint8)
+    perm = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(42))
+    n_held = max(1, len(seqs) // 100)
+    return dict(ids=torch.cat(seqs), target=target,
+                offsets=F.pad(torch.tensor([len(s) for s in seqs]).cumsum(0), (1, 0)),
+                start=torch.tensor(start), train=perm[n_held:], held=perm[:n_held])
 
 def prepare_data(run) -> dict:
     """out/data.safetensors, made by rank 0 (the other processes wait for it) unless resuming."""
@@ -323,12 +320,11 @@ def compute_labels(run, reference, data: dict, rows) -> torch.Tensor:
 
 def rows_with_hard_tokens(run, data: dict, labels, rows) -> torch.Tensor:
     """`rows` less those without a hard token (the authors leave them out; --easy-rows keep)."""
-    lens = data["offsets"][1:] - data["offsets"][:-1]
-    row_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    hard = torch.zeros(len(lens)).index_add_(0, row_of_token, (labels == 2).float())[rows] > 0
+    hard = torch.tensor([bool((labels[a:e] == 2).any()) for a, e in spans(data, rows)])
+    keep = run.args.easy_rows == "keep"
     run.log(f"labels: {int((~hard).sum())} of {len(rows)} training rows have no hard token" +
-            (", kept" if run.args.easy_rows == "keep" else ", left out of stages 1 and 2"))
-    return rows if run.args.easy_rows == "keep" else rows[hard]
+            (", kept" if keep else ", left out of stages 1 and 2"))
+    return rows if keep else rows[hard]
 
 def chunked_ce(logits: torch.Tensor, tgt: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
     """Summed cross-entropy, upcast to fp32 one chunk of positions at a time; in training each
@@ -367,9 +363,9 @@ class Run:
         self.tokenizer_dir = self.out / "tokenizer" if toy else tah.resolve(args.model)
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if "RANK" in os.environ and not dist.is_initialized():  # torchrun: a process per GPU
-            cuda = self.device.type == "cuda"  # gloo: processes on a CPU
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else \
-                torch.device("cpu")  # a long timeout: the others wait while rank 0 makes the data
+            cuda = self.device.type == "cuda"  # else gloo: processes on a CPU
+            self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+            # a long timeout: the others wait while rank 0 makes the data
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12),
                                     device_id=self.device if cuda else None)
 
@@ -394,16 +390,15 @@ class Run:
                 f.write(msg + "\n")
 
     def write(self, name: str, obj) -> None:
-        """out/name: *.safetensors from tensors (as bytes: save_file makes owner-only files), *.pt
-        by torch.save, else text."""
+        """out/name: *.pt by torch.save, *.safetensors from tensors (as bytes: save_file makes
+        owner-only files), else text."""
         if self.rank == 0:
             tmp = self.out / f".{name}.tmp"
-            if name.endswith(".safetensors"):
-                tmp.write_bytes(safetensors_bytes(obj))
-            elif name.endswith(".pt"):
+            if name.endswith(".pt"):
                 torch.save(obj, tmp)
             else:
-                tmp.write_text(obj)
+                tmp.write_bytes(safetensors_bytes(obj) if name.endswith("safetensors") else
+                                obj.encode())
             os.replace(tmp, self.out / name)
 
 def load_model(run, path, parts: tah.TaHConfig | None = None):
@@ -498,9 +493,8 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
                 g["lr"] = lr * ((step + 1) / warm if step < warm else cosine)
             loss, norm = train_step(run, model.train(), opt, batches, loss_fn, hash((a.seed, step)))
             if not math.isfinite(loss):
-                run.log(f"{name}: loss is {loss} at step {step + 1}; stopping. The last good state "
-                        f"is {state_path} (if any): lower --lr or --clip, or use --dtype float32, "
-                        "then rerun to resume from it")
+                run.log(f"{name}: loss is {loss} at step {step + 1}; stopping. Lower --lr or "
+                        f"--clip, or use --dtype float32, then rerun to resume from {state_path}")
                 sys.exit(1)
             run.steps_done, clipped = run.steps_done + 1, clipped + (norm > a.clip)
             stop, n = run.sum(run.stop or 0 < stop_after <= run.steps_done,  # Ctrl-C stops all
@@ -513,11 +507,10 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
                         f"{(steps - step - 1) * dt / (step + 1 - start) / 60:.1f} min")
             if stop or (a.save_every and (step + 1) % a.save_every == 0):
                 params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-                state = dict(step=step + 1, params=params, optim=opt.state_dict())
-                run.write(state_path.name, state)
+                run.write(state_path.name, dict(step=step + 1, params=params,
+                                                optim=opt.state_dict()))
             if stop:
-                run.log(f"{name}: interrupted after step {step + 1}, state saved: rerun the same "
-                        "command to resume")
+                run.log(f"{name}: interrupted after step {step + 1}, state saved: rerun to resume")
                 sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, old)
@@ -782,8 +775,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--steps", type=int, default=0, help="stage-1 and baseline steps (0: from --epochs)")
     add("--decider-steps", type=int, default=0, help="stage-2 steps (0: from --decider-epochs)")
     add("--batch", type=int, default=128, help="rows per optimizer step")
-    add("--micro-batch", type=int, default=1, help="rows per forward: batch / micro-batch "
-        "gradient accumulations")
+    add("--micro-batch", type=int, default=1, help="rows per forward; a step accumulates the rest")
     add("--lr", type=float, default=4e-5, help="peak learning rate of stage 1 and the baselines")
     add("--decider-lr", type=float, default=3e-5, help="peak learning rate of stage 2")
     add("--warmup", type=float, default=0.03, help="share of steps warming up, then cosine to 0.1")
@@ -809,8 +801,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "GPU for 0.6b/1.7b, else float32)")
     add("--threads", type=int, default=0, help="CPU threads for PyTorch (0 = its default)")
     add("--log-every", type=int, default=1, help="log progress every this many steps")
-    add("--save-every", type=int, default=10, help="save the state every this many steps (0: on "
-        "Ctrl-C only)")
+    add("--save-every", type=int, default=10, help="steps between saved states (0: on Ctrl-C only)")
     add("--resume", action=argparse.BooleanOptionalAction, default=True,
         help="skip finished stages, resume an interrupted one (--no-resume: start over)")
     add("--skip-memory-check", action="store_true", help="train even if the GPU looks too small")
