@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import string
 import sys
 import time
 
@@ -46,16 +47,15 @@ def stats(passes: list[int], seconds: float, policy: str) -> str:
             f"{sum(p > 1 for p in passes) / max(len(passes), 1):.1%} iterated (policy {policy})")
 
 
-def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color: bool = False,
+def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, *, color: bool = False,
            trace: list | None = None) -> tuple[list[int], list[int]]:
-    """Generates from prompt ids (gen: tah.generate's keyword arguments), printing the text as it
-    comes, then the stats line; Ctrl-C ends early. Returns the tokens (without the stop token) and
-    their passes. A `trace` list receives tah.generate's per-forward numbers."""
+    """Generates from prompt ids (gen, trace: tah.generate's), printing the text as it comes, then
+    the stats; Ctrl-C ends early. Returns the tokens (without the stop token) and their passes."""
     if not ids:
         raise ValueError("the prompt is empty; give some text")
     tokens, passes, shown, k, t0 = [], [], "", 0, time.perf_counter()  # tokens[k:] not yet shown
     try:
-        for t, p in tah.generate(model, ids, **gen, **({} if trace is None else {"trace": trace})):
+        for t, p in tah.generate(model, ids, **gen, trace=trace):
             if int(t) in gen["stop_ids"]:
                 break
             tokens.append(int(t))
@@ -72,7 +72,7 @@ def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, color:
     return tokens, passes
 
 
-def chat(model, tok, history: list, gen: dict, raw: bool, think: bool, color: bool) -> None:
+def chat(model, tok, history: list, gen: dict, *, raw: bool, think: bool, color: bool) -> None:
     """Multi-turn chat. The history keeps each answer as generated (the chat format then drops the
     <think> blocks of earlier turns); a raw prompt is the last line alone."""
     print("chat: Ctrl-D or 'exit' leaves; Ctrl-C stops an answer", file=sys.stderr)
@@ -85,7 +85,7 @@ def chat(model, tok, history: list, gen: dict, raw: bool, think: bool, color: bo
             return
         messages = history + [{"role": "user", "content": line}]
         try:
-            tokens, _ = stream(model, tok, prompt_ids(tok, messages, raw, think), gen, color)
+            tokens, _ = stream(model, tok, prompt_ids(tok, messages, raw, think), gen, color=color)
             history = messages + [{"role": "assistant", "content": tok.decode(tokens)}]
         except ValueError as e:  # an empty line, or a conversation longer than the context
             print(f"error: {e}", file=sys.stderr)
@@ -94,57 +94,53 @@ def chat(model, tok, history: list, gen: dict, raw: bool, think: bool, color: bo
 TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"),  # the trace's top-5 lists, by heading
         "final (+ pass 2)": ("final_ids", "final_probs"),
         "soft token mixed": ("soft_ids", "soft_weights")}
-LEGEND = ("Each token is coloured by the passes of the position that predicted it (grey 1, yellow"
-          " 2, red 3+); the bar under it is that position's decider probability, the tick the "
-          "threshold. Hover over or click a token.")
-PAGE = """<!doctype html><meta charset="utf-8"><title>TaH trace</title><style>
+PAGE = string.Template("""<!doctype html><meta charset="utf-8"><title>TaH trace</title><style>
 body{font:15px/2.4 monospace;margin:1.5em;max-width:72em} h1{font-size:15px} h2{font-size:14px;
 border-top:2px solid #888;margin:1em 0 0} .t{position:relative;padding:1px 3px 5px;margin:1px;
 white-space:pre;background:#e4e4e4;cursor:pointer} .p2{background:#fd4} .p3{background:#d33;
 color:#fff} .t b{position:absolute;left:0;bottom:0;height:3px;background:#25c}
 .t[data-prob]::after{content:"";position:absolute;left:var(--thr);bottom:0;height:7px;
 border-left:1px solid #000} #info{position:sticky;top:0;background:#f4f4ff;padding:.5em;
-line-height:1.3;border:1px solid #99c}</style>"""
-SCRIPT = """<script>
-const info = document.getElementById("info");
-function show(e) {
-  const t = e.target?.closest(".t[data-top]"); if (!t) return;
-  const line = ([, w, p]) => (100 * p).toFixed(1).padStart(5) + "% " + JSON.stringify(w);
-  const cols = Object.entries(JSON.parse(t.dataset.top)).map(
-    ([name, rows]) => [name, ...rows.map(line)].map(s => s.padEnd(28)));
-  info.textContent = `token ${JSON.stringify(t.textContent)}: predicted with ` +
-    `${t.dataset.passes} passes, decider probability ${t.dataset.prob} ` +
-    `(threshold ${document.body.dataset.threshold})\\n\\n` +
-    cols[0].map((_, r) => cols.map(c => c[r]).join(" ")).join("\\n");
+line-height:1.3;border:1px solid #99c}</style>
+<body style="--thr:$percent" data-threshold="$threshold"><h1>$header</h1><p>Each token is coloured
+by the passes of the position that predicted it (grey 1, yellow 2, red 3+); the bar under it is
+that position's decider probability, the tick the threshold. Hover over or click a token.</p>
+<pre id="info"></pre><h2>prompt</h2><div>$prompt</div><h2>answer</h2><div id="answer">$answer</div>
+<script>
+function show(e) {  // the token's numbers, then its three top-5 lists side by side
+  const t = e.target?.closest(".t[data-top]");
+  if (!t) return;
+  const cols = Object.entries(JSON.parse(t.dataset.top)).map(([name, rows]) => [name, ...rows.map(
+    ([, w, p]) => (100 * p).toFixed(1).padStart(5) + "% " + JSON.stringify(w))]);
+  document.getElementById("info").textContent = "token " + JSON.stringify(t.textContent) +
+    ": predicted with " + t.dataset.passes + " passes, decider probability " + t.dataset.prob +
+    " (threshold " + document.body.dataset.threshold + ")\\n\\n" +
+    cols[0].map((_, r) => cols.map(c => c[r].padEnd(28)).join(" ")).join("\\n");
 }
-document.onmouseover = show; document.onclick = show;
+document.onmouseover = document.onclick = show;
 show({target: document.querySelector("#answer .t")});
-</script>"""
+</script></body>
+""")
 
 
 def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], trace: list,
                header: str, threshold: float) -> None:
-    """One self-contained page of the prompt and the answer: each token coloured by the passes of
-    the position that predicted it, with a bar for that position's decider probability (the tick
-    is the threshold); hover or click shows its top-5 lists. trace: tah.generate's, batch of one."""
+    """The page of one generation (trace: tah.generate's, batch of one): each token coloured by
+    the passes of the position that predicted it, with a bar for that position's decider
+    probability and its top-5 lists in data-top, which the script shows on hover or click."""
     at = {k: torch.cat([step[k] for step in trace], 1)[0].tolist() for k in trace[0]}  # row 0
-
-    def span(i: int, t: int) -> str:  # token i of prompt + tokens, predicted by position i - 1
-        text, j = html.escape(tok.decode([t])), i - 1
-        if i == 0:
-            return f'<span class="t">{text}</span>'
+    spans = [f'<span class="t">{html.escape(tok.decode(prompt[:1]))}</span>']  # none predicted it
+    for j, t in enumerate(prompt[1:] + tokens):  # token j + 1, predicted by position j
         p, q = at["passes"][j], at["prob"][j]
         top = {name: [[w, tok.decode([w]), round(x, 4)] for w, x in zip(at[ws][j], at[xs][j])]
                for name, (ws, xs) in TOPS.items()}
         bar = "" if math.isnan(q) else f'<b style="width:{q:.1%}"></b>'
-        return (f'<span class="t p{min(p, 3)}" data-passes="{p}" data-prob="{q:.4f}" '
-                f'data-top="{html.escape(json.dumps(top))}">{text}{bar}</span>')
-    spans = [span(i, t) for i, t in enumerate(prompt + tokens)]
+        spans.append(f'<span class="t p{min(p, 3)}" data-passes="{p}" data-prob="{q:.4f}" data-top='
+                     f'"{html.escape(json.dumps(top))}">{html.escape(tok.decode([t]))}{bar}</span>')
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f'{PAGE}<body style="--thr:{threshold:.1%}" data-threshold="{threshold:g}">'
-                f'<h1>{html.escape(header)}</h1><p>{LEGEND}</p><pre id="info"></pre>'
-                f'<h2>prompt</h2><div>{"".join(spans[:len(prompt)])}</div><h2>answer</h2>'
-                f'<div id="answer">{"".join(spans[len(prompt):])}</div>{SCRIPT}</body>\n')
+        f.write(PAGE.substitute(percent=f"{threshold:.1%}", threshold=f"{threshold:g}",
+                                header=html.escape(header), prompt="".join(spans[:len(prompt)]),
+                                answer="".join(spans[len(prompt):])))
 
 
 def read_jsonl(path: str) -> list[tuple[str, str]]:
@@ -214,8 +210,8 @@ def evaluate(model, tok, rows: list, gen: dict, *, batch_size: int, raw: bool, t
     right, passes, t0 = 0, [], time.perf_counter()
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
-        prompts = [prompt_ids(tok, [{"role": "user", "content": f"{q}\n{instruction}" if instruction
-                                     else q}], raw, think) for q, _ in batch]
+        texts = [f"{q}\n{instruction}" if instruction else q for q, _ in batch]
+        prompts = [prompt_ids(tok, [{"role": "user", "content": x}], raw, think) for x in texts]
         width = max(map(len, prompts))
         ids = torch.tensor([[-1] * (width - len(p)) + p for p in prompts])  # (B, T); -1 = padding
         steps = zip(*tah.generate(model, ids.clamp(min=0), valid=ids >= 0, **gen))  # tokens, passes
@@ -266,19 +262,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"to each question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
     add("--batch-size", type=int, default=1, help="--eval: questions generated together")
     a = p.parse_args(argv)
-    for ok, what in [(a.temperature >= 0, f"--temperature is {a.temperature}; give 0 or more"),
-                     (0 < a.top_p <= 1, f"--top-p is {a.top_p}; give a mass in (0, 1]"),
-                     (a.top_k >= 0, f"--top-k is {a.top_k}; give 0 (all) or more"),
-                     (0 <= a.min_p < 1, f"--min-p is {a.min_p}; give a value in [0, 1)"),
-                     (a.threshold is None or 0 <= a.threshold <= 1,
-                      f"--threshold is {a.threshold}; give a probability in [0, 1]"),
-                     ((a.max_new_tokens is None or a.max_new_tokens >= 1) and a.batch_size >= 1,
-                      "--max-new-tokens and --batch-size must be at least 1; give 1 or more"),
-                     (not a.html or (a.prompt is not None and not a.eval),
-                      "--html traces one prompt; give a prompt and no --eval"),
-                     (not a.eval or os.path.isfile(a.eval), f"no file {a.eval}; check --eval")]:
+    for flag, ok, hint in [  # NaN fails every comparison, so it is refused too
+            ("temperature", a.temperature >= 0, "give 0 or more"),
+            ("top_p", 0 < a.top_p <= 1, "give a mass in (0, 1]"),
+            ("top_k", a.top_k >= 0, "give 0 (all) or more"),
+            ("min_p", 0 <= a.min_p < 1, "give a value in [0, 1)"),
+            ("threshold", a.threshold is None or 0 <= a.threshold <= 1,
+             "give a probability in [0, 1]"),
+            ("max_new_tokens", a.max_new_tokens is None or a.max_new_tokens >= 1, "give 1 or more"),
+            ("batch_size", a.batch_size >= 1, "give 1 or more")]:
         if not ok:
-            raise ValueError(what)
+            raise ValueError(f"--{flag.replace('_', '-')} is {getattr(a, flag)}; {hint}")
+    if a.html and (a.prompt is None or a.eval):
+        raise ValueError("--html traces one prompt; give a prompt and no --eval")
+    if a.eval and not os.path.isfile(a.eval):
+        raise ValueError(f"no file {a.eval}; check --eval")
     try:  # a device this machine lacks fails now, not after the download
         torch.empty(0, device=a.device)
     except (RuntimeError, AssertionError) as e:
@@ -297,20 +295,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(a: argparse.Namespace) -> int:
     """Loads the model and generates: one prompt, the eval rows, or a chat."""
     rows = read_jsonl(a.eval) if a.eval else None
-    path = tah.resolve(a.model)
-    device = a.device or tah.default_device()
+    path, device = tah.resolve(a.model), a.device or tah.default_device()
     model = tah.load(path, device, getattr(torch, a.dtype) if a.dtype else None)
     tok = tah.load_tokenizer(path)
     if not tok.has_chat and not a.raw:
         print("note: this tokenizer has no chat tokens, so prompts go in raw", file=sys.stderr)
     if model.decider is None and a.policy is None:
-        print("note: this model has no decider, so it runs as plain Qwen3 (policy standard)",
-              file=sys.stderr)
+        print("note: this model has no decider, so it runs as plain Qwen3", file=sys.stderr)
     raw, think = a.raw or not tok.has_chat, not a.no_think
     policy = a.policy or ("standard" if model.decider is None else "decider")
-    threshold = a.threshold
-    if threshold is None:  # the authors evaluate at 0.9; otherwise the checkpoint's own
-        threshold = EVAL_THRESHOLD if rows else model.tah.threshold
+    default = EVAL_THRESHOLD if rows else model.tah.threshold  # the authors evaluate at 0.9
+    threshold = default if a.threshold is None else a.threshold
     rng = None if a.seed is None else torch.Generator(device).manual_seed(a.seed)
     gen = dict(max_new_tokens=a.max_new_tokens or (4096 if rows else 1024), policy=policy,
                stop_ids=tok.stop_ids, threshold=threshold, generator=rng, top_k=a.top_k,
@@ -332,14 +327,14 @@ def run(a: argparse.Namespace) -> int:
     elif a.prompt is not None:
         ids = prompt_ids(tok, messages + [{"role": "user", "content": a.prompt}], raw, think)
         trace, t0 = ([] if a.html else None), time.perf_counter()
-        tokens, passes = stream(model, tok, ids, gen, color, trace)
+        tokens, passes = stream(model, tok, ids, gen, color=color, trace=trace)
         if a.html:
             header = f"{a.model} | {stats(passes, time.perf_counter() - t0, policy)} | " \
                      f"threshold {threshold:g}"
             write_html(a.html, tok, ids, tokens, trace, header, threshold)
             print(f"wrote {a.html}", file=sys.stderr)
     else:
-        chat(model, tok, messages, gen, raw, think, color)
+        chat(model, tok, messages, gen, raw=raw, think=think, color=color)
     return 0
 
 
