@@ -88,15 +88,21 @@ POLICIES = ["standard", "always", "oracle", "decider"]
 OPENR1_MAX_TOKENS = 8192  # the authors drop a problem whose chosen generation is this long
 PRUNE_ROWS, PRUNE_LEN = 16, 4096  # the authors' pruning calibration: 16 held-out rows, 4096 tokens
 
-# Stage-1 peak memory. Per parameter: the fp32 weight, its gradient, AdamW's two moments, and
-# autocast's 16-bit copy. Per token of a micro-batch, in elements of the autocast dtype (first
-# principles until measured): per layer and unit of hidden size, the fp32 layer input that
-# checkpointing keeps (2) and the keys and values pass 2 reads (2 n_kv head_dim / H = 2 for
-# Qwen3-0.6B/1.7B), x1.15 for pass 2 on ~15% of the tokens; per vocabulary entry the logits and
-# their gradient, x1.15 likewise. Plus one chunk of chunked_ce's fp32 logits and their gradient.
-BYTES_PER_PARAM = 16
-ACT_PER_LAYER_HIDDEN = 4.6
-ACT_PER_VOCAB = 2.3
+# Stage-1 peak memory, measured by bench/rehearse.py at the true Qwen3-0.6B shape on a CPU (peak
+# resident memory of one step at 128-768 tokens, in fp32 and under bf16 autocast, gradients
+# already allocated) and fitted per phase of the step; the peak is the largest phase. Every phase
+# holds 16 bytes per parameter (fp32 weight, gradient, two AdamW moments) and, per token, each
+# checkpointed layer's input for every pass it gets plus pass 1's keys and values. On top, per
+# phase: (bytes per parameter, such as autocast's weight copies; (V, H)-sized gradient buffers of
+# the tied embedding; bytes x V per token for the logits and their gradients; bytes x V per
+# position of one cross-entropy chunk). Phases: forward, backward through the head, backward
+# through the layers. AdamW's update needs 20 bytes per parameter for a moment.
+MEMORY_PHASES = {
+    torch.float32: [(0.20, 0.0, 8.84, 5.09), (0.0, 3.98, 12.34, 2.99), (0.0, 24.18, 8.90, 0.30)],
+    torch.bfloat16: [(2.19, 0.0, 9.01, 8.19), (0.0, 9.22, 13.21, 6.64), (0.0, 21.55, 5.79, 0.0)],
+}
+KV_BYTES = {torch.float32: 8, torch.bfloat16: 6}  # k fp32 and v in the autocast dtype, per element
+HARD_SHARE = 0.15  # tokens that iterate, as in the paper's labels
 CE_CHUNK = 1024
 
 def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens: int,
@@ -104,12 +110,13 @@ def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens
     """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens."""
     with torch.device("meta"):
         params = sum(p.numel() for p in tah.TaH(config, tah_config).parameters())
-    unit = torch.finfo(dtype).bits // 8
-    per_token = ACT_PER_LAYER_HIDDEN * config.num_hidden_layers * config.hidden_size + \
-        ACT_PER_VOCAB * config.vocab_size
-    ce = 2 * 4 * micro_batch * min(tokens, CE_CHUNK) * config.vocab_size
-    copy = unit if unit < 4 else 0  # autocast's copy of each weight, in a 16-bit dtype
-    return int(params * (BYTES_PER_PARAM + copy) + tokens * micro_batch * per_token * unit + ce)
+    V, H, T = config.vocab_size, config.hidden_size, tokens * micro_batch
+    kv = KV_BYTES[dtype] * config.num_key_value_heads * config.head_dim
+    layers = config.num_hidden_layers * (4 * (1 + HARD_SHARE) * H + kv)  # bytes per token
+    phases = [params * (16 + extra) + vh * V * H + T * (layers + per_v * V) +
+              min(T, CE_CHUNK) * chunk_v * V
+              for extra, vh, per_v, chunk_v in MEMORY_PHASES[dtype]]
+    return int(max(*phases, 20 * params))
 
 def fail(message) -> None:
     """A mistake the user can mend: one line `error: what was wrong; what to do`, exit code 2."""

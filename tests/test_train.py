@@ -387,13 +387,21 @@ def test_bad_data_line_is_one_line_error(tiny_qwen, tmp_path, capsys):
     assert "bad.jsonl:1: bad line (KeyError: 'generation')" in err
 
 
-def test_peak_memory_estimate_adds_up():
-    config = tah.Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    parts = tah.TaHConfig(lora_r=4, lora_alpha=8)
-    n = sum(p.numel() for p in tah.TaH(config, parts).parameters())
-    per_token = train.ACT_PER_LAYER_HIDDEN * 2 * 64 + train.ACT_PER_VOCAB * 1000
-    bf16 = train.peak_memory_bytes(config, parts, tokens=2048, micro_batch=2, dtype=torch.bfloat16)
-    assert bf16 == int(n * 18 + 2048 * 2 * per_token * 2 + 8 * 2 * 1024 * 1000)
-    fp32 = train.peak_memory_bytes(config, parts, tokens=100, micro_batch=1, dtype=torch.float32)
-    assert fp32 == int(n * 16 + 100 * per_token * 4 + 8 * 100 * 1000)
+def test_peak_memory_estimate_matches_the_rehearsal():
+    """At the true Qwen3-0.6B shape with its published LoRA, the estimator reproduces the peak
+    resident memory that bench/rehearse.py measured for one fp32 stage-1 step on a CPU (GiB, at
+    128/256/512 tokens, and 768 tokens, which the fit did not see) within 3%; bf16 autocast
+    costs more per parameter (weight copies) and less per token, and AdamW's update is a floor."""
+    config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
+    for tokens, measured in [(128, 12.96), (256, 13.17), (512, 13.59), (768, 13.98)]:
+        gib = train.peak_memory_bytes(config, parts, tokens, 1, torch.float32) / 2**30
+        assert gib == pytest.approx(measured, rel=0.03), tokens
+    for tokens, measured in [(128, 12.50), (512, 12.90)]:  # the bf16 autocast runs
+        gib = train.peak_memory_bytes(config, parts, tokens, 1, torch.bfloat16) / 2**30
+        assert gib == pytest.approx(measured, rel=0.03), tokens
+    long = train.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16) / 2**30
+    assert 18 < long < 22  # the README's "~20 GiB at 4096 tokens" for 0.6b
+    small = tah.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                            num_attention_heads=1, num_key_value_heads=1, head_dim=8)
+    n = sum(p.numel() for p in tah.TaH(small, parts).parameters())
+    assert train.peak_memory_bytes(small, parts, 1, 1, torch.float32) == 20 * n
