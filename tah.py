@@ -234,10 +234,9 @@ class KVCache:
     nothing is copied per step. `valid` (B, max_iter * max_len) marks the entries that exist."""
 
     def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
-        config, max_iter = model.config, model.tah.max_iter
+        config, max_iter, self.max_len = model.config, model.tah.max_iter, max_len
         weight = model.model.embed_tokens.weight
         device, dtype = device or weight.device, dtype or weight.dtype
-        self.max_len = max_len
         shape = (batch_size, config.num_key_value_heads, max_iter * max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype)
                   for _ in range(config.num_hidden_layers)]  # per layer (B, G, D*S, K)
@@ -555,8 +554,7 @@ class TaH(nn.Module):
             policy = "standard" if self.decider is None else "decider"
         named = isinstance(policy, str)
         if named and policy not in ("decider", "standard", "always"):
-            raise ValueError(f"policy must be 'decider', 'standard', 'always' or a tensor, "
-                             f"not {policy!r}")
+            raise ValueError(f"policy {policy!r}: use 'decider', 'standard', 'always' or a tensor")
         if named and policy == "decider" and self.decider is None:
             raise ValueError("policy 'decider' needs a model with a decider; this one has none "
                              "(use policy='standard' or 'always', or load a TaH checkpoint)")
@@ -619,9 +617,8 @@ class TaH(nn.Module):
                      hidden)
         if trace:  # the numbers behind each token's passes, as the docstring lists them
             values, ids = top
-            prob = torch.full(iter_count.shape, float("nan"), device=iter_count.device)
-            if named and policy == "decider":
-                prob = torch.sigmoid(continue_logit.float())
+            prob = torch.sigmoid(continue_logit.float()) if named and policy == "decider" \
+                else torch.full(iter_count.shape, float("nan"), device=iter_count.device)
             final5 = final.topk(5, dim=-1)
             soft = values[..., :self.tah.input_topk].float().softmax(-1)  # (B, T, input_topk)
             out.trace = {
@@ -720,31 +717,27 @@ def _backbone_files(d: Path) -> list[Path]:
     raise FileNotFoundError(f"{d} has no model.safetensors or model.safetensors.index.json")
 
 
-ACCEPTED = {  # older tah_config.json fields of the authors' code -> the values that mean what we do
-    "input_updater": "TrivialUpdater",  # with topk: the top-k soft token
-    "output_updater": "AdditiveLogitsUpdater",  # z1 + z2
-    "iter_attention_mode": "duo",  # duo-causal attention
+IMPLEMENTED = {  # tah_config.json fields of the authors' code -> the values tah.py implements
+    "input_updater": (None, "TrivialUpdater"),  # with topk: the top-k soft token
+    "output_updater": (None, "AdditiveLogitsUpdater"),  # z1 + z2
+    "iter_attention_mode": (None, "duo"),  # duo-causal attention
+    "iter_label_generator": (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"),
+    "adapter": (None, "lora"),
+    "iter_decider": (None, "MLPIterDecider", "IterLabelDecider"),  # the last: oracle labels only
 }
 
 
 def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") -> TaHConfig:
     """Reads a tah_config.json in the authors' schema (ours writes the same schema), checked
     against the backbone's `config`; `where` names the file in errors."""
-    for key, ok in ACCEPTED.items():
-        if j.get(key) not in (None, ok):
+    for key, ok in IMPLEMENTED.items():
+        if j.get(key) not in ok:
             raise ValueError(f"{where}: {key} = {j[key]!r} is a variant tah.py does not "
-                             f"implement (it implements {ok!r}); this checkpoint cannot be run "
-                             "here")
-    if j.get("iter_label_generator") not in (None, "FixedIterLabelGenerator",
-                                             "DynamicMismatchIterLabelGenerator"):
-        raise ValueError(f"{where}: iter_label_generator = {j['iter_label_generator']!r}: tah "
-                         "implements only the reference-mismatch oracle labels")
+                             f"implement (only {ok[1:]}); this checkpoint cannot be run here")
     inp = _get(j, "input_updater_kwargs", "an object", where, {})
     if inp.get("use_hidden_states") or ("topk" in inp and inp["topk"] is None):
         raise ValueError(f"{where}: input_updater_kwargs asks for a hidden-state or full-"
                          "softmax input; tah.py implements only the top-k soft token")
-    if j.get("adapter") not in (None, "lora"):
-        raise ValueError(f"{where}: adapter = {j['adapter']!r}; tah.py implements only 'lora'")
     topk = _get(j, "input_updater_kwargs.topk", SIZE, where, 100, config.vocab_size)
     t = TaHConfig(max_iter=_get(j, "max_iter", SIZE, where, 2), input_topk=topk, lora_r=0,
                   lora_alpha=0, lora_dropout=0.0)
@@ -763,10 +756,6 @@ def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") 
         t.decider_expansion = _get(j, k + "expansion_factor", SIZE, where, 4)
         t.decider_dropout = _get(j, k + "dropout_rate", "a number in [0, 1]", where, 0.1)
         t.threshold = _get(j, k + "threshold", "a number in [0, 1]", where, 0.9)
-    elif j.get("iter_decider") not in (None, "IterLabelDecider"):
-        raise ValueError(f"{where}: iter_decider = {j['iter_decider']!r}; tah.py implements "
-                         "'MLPIterDecider' (or none: a stage-1 model that iterates by oracle "
-                         "labels)")
     return t
 
 
@@ -792,9 +781,9 @@ def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
 
 def _read_decider(d: Path) -> tuple[Path, dict]:
     """The decider's file and its tensors in fp32 (names without the `decider.` prefix)."""
-    if (d / "decider.safetensors").exists():
-        return d / "decider.safetensors", _read_safetensors([d / "decider.safetensors"], "cpu",
-                                                            torch.float32)
+    path = d / "decider.safetensors"
+    if path.exists():
+        return path, _read_safetensors([path], "cpu", torch.float32)
     path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
     if not path.exists():
         raise FileNotFoundError(f"{d}: tah_config.json names a decider but there is no "
@@ -802,10 +791,9 @@ def _read_decider(d: Path) -> tuple[Path, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read by torch.load(weights_only=True) "
-                         f"({type(e).__name__}): damaged, or more than tensors (tah never unpickles"
-                         " arbitrary objects). Re-save its state_dict as decider.safetensors with"
-                         " a tool you trust") from None
+        raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it ({type(e).__name__}"
+                         "): damaged, or more than tensors; re-save its state_dict as "
+                         "decider.safetensors with a tool you trust") from None
     state = blob.get("state_dict") if type(blob) is dict else None
     if type(state) is not dict or not all(type(k) is str and isinstance(v, torch.Tensor)
                                           and v.is_floating_point() for k, v in state.items()):
@@ -1099,10 +1087,9 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
                     cache=cache, start=s, threshold=threshold, logits="last",
                     trace=trace is not None)
         pieces.append(out.trace)
+    if trace is not None:  # the prompt's pieces as one entry
+        trace.append({k: torch.cat([p[k] for p in pieces], 1).cpu() for k in pieces[0]})
     live = torch.arange(B, device=ids.device)  # the rows still generating, as `out` has them
-    if trace is not None:
-        trace.append(_widen({k: torch.cat([p[k] for p in pieces], 1) for k in pieces[0]},
-                            live, B))
     pos = pos[:, -1:]  # (B, 1)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     tokens = torch.zeros(B, dtype=torch.long, device=ids.device)  # what each row yields
