@@ -662,10 +662,9 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:
-        raise OSError(f"could not get {name!r} from the Hugging Face hub "
-                      f"({type(e).__name__}: {e}). Offline? Download it where you have a network "
-                      f"(`hf download {name} --local-dir DIR`), copy DIR here and pass that "
-                      "directory instead of the hub id.") from None
+        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                      f"{e}). Offline? Where you have a network, `hf download {name} --local-dir "
+                      "DIR`; copy DIR here and pass that directory instead of the id.") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -1009,7 +1008,6 @@ class Tokenizer:
 
 def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
     return Tokenizer(resolve(path_or_id))
-
 
 
 # ----------------------------------------------------------------------------- generation
