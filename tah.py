@@ -818,14 +818,11 @@ def _match(state: dict, expected: dict, where) -> None:
                              "the files do not belong together: download or save them again")
 
 
-def _assign(model: TaH, state: dict, where) -> TaH:
-    """Puts `state` into a model built on the meta device, strictly (see `_match`). Ties the
-    head to the embeddings where the config says so (the one place that does)."""
-    if model.config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
-        state.pop("lm_head.weight", None)
-        if "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    _match(state, model.state_dict(), where)
+def _assign(model: TaH, state: dict) -> TaH:
+    """Puts `state` (checked by `_match`) into a model built on the meta device, strictly. Ties
+    the head to the embeddings where the config says so (the one place that does)."""
+    if model.config.tie_word_embeddings:  # one matrix, whatever a tied checkpoint stores
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -848,11 +845,11 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
     with torch.device("meta"):
         model = TaH(config, tah)
     want = model.state_dict()  # each file must hold exactly its part of it
-    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
-        want.pop("lm_head.weight")
     files = _backbone_files(d)
     state = _read_safetensors(files, device, dtype)
-    state = {k: v for k, v in state.items() if k in want or k != "lm_head.weight"}
+    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
+        want.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     _match(state, {k: v for k, v in want.items() if ".lora_" not in k and "decider." not in k},
            ", ".join(map(str, files)))
     if tah.lora_r:
@@ -873,7 +870,7 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
         part = {"decider." + k: v.to(device) for k, v in part.items()}
         _match(part, {k: v for k, v in want.items() if "decider." in k}, path)
         state |= part
-    return _assign(model, state, d).eval()
+    return _assign(model, state).eval()
 
 
 def add_parts(model: TaH, tah: TaHConfig) -> TaH:
@@ -896,7 +893,7 @@ def add_parts(model: TaH, tah: TaHConfig) -> TaH:
         else:
             continue
         state.update({prefix + k: v for k, v in m.state_dict().items() if not v.is_meta})
-    return _assign(new, state, "add_parts").train(model.training)
+    return _assign(new, state).train(model.training)
 
 
 def _write_safetensors(path: Path, tensors: dict) -> None:
