@@ -546,8 +546,7 @@ class TaH(nn.Module):
         "soft_ids"/"soft_weights", the soft token's 5 largest mixture weights."""
         B, T = input_ids.shape
         L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         if positions is None:
             positions = start + (valid.cumsum(1) - 1).clamp(min=0)
         if policy is None:
@@ -1040,23 +1039,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the activations of long prompts
 
 
-def _widen(entry: dict, live: torch.Tensor, batch_size: int) -> dict:
-    """A trace entry of the rows `live` as (B, ...) CPU tensors; rows that finished get
-    passes 0, ids -1 and NaN numbers."""
-    out = {}
-    for name, v in entry.items():
-        fill = 0 if name == "passes" else -1 if name.endswith("_ids") else float("nan")
-        out[name] = torch.full((batch_size, *v.shape[1:]), fill, dtype=v.dtype)
-        out[name][live.cpu()] = v.cpu()
-    return out
-
-
 @torch.no_grad()
 def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: int, *,
              policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
-             trace: list | None = None,
-             **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             trace: list | None = None, **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the
     position that predicted the token got. Prompts are left-padded, with `valid` marking real
     tokens. Prefill runs the full TaH forward (the decider acts on prompt tokens too); each
@@ -1069,8 +1056,7 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
     B, T = ids.shape
     limit = model.config.max_position_embeddings
     if T >= limit:
-        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; "
-                         "shorten it")
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; cut it")
     max_new_tokens = min(max_new_tokens, limit - T)
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.to(ids.device)
     cache = KVCache(model, B, T + max_new_tokens)
@@ -1102,5 +1088,10 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
         pos = pos + 1
         out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step,
                     threshold=threshold, logits="last", trace=trace is not None)
-        if trace is not None:
-            trace.append(_widen(out.trace, live, B))
+        if trace is not None:  # (B, ...) CPU tensors: finished rows get passes 0, ids -1, NaN
+            entry = {}
+            for name, v in out.trace.items():
+                fill = 0 if name == "passes" else -1 if name.endswith("_ids") else float("nan")
+                entry[name] = torch.full((B, *v.shape[1:]), fill, dtype=v.dtype)
+                entry[name][live.cpu()] = v.cpu()
+            trace.append(entry)
