@@ -759,9 +759,8 @@ def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") 
 
 def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
     """The authors' tah_config.json schema for `t`, which tah_config_from_json reads back."""
-    j = {"max_iter": t.max_iter, "input_updater_kwargs": {"topk": t.input_topk},
-         "iter_decider": None, "iter_attention_mode": "duo",
-         "output_updater": "AdditiveLogitsUpdater"}
+    j = {"max_iter": t.max_iter, "iter_decider": None, "iter_attention_mode": "duo",
+         "input_updater_kwargs": {"topk": t.input_topk}, "output_updater": "AdditiveLogitsUpdater"}
     if t.lora_r:
         j["adapter"] = "lora"
         j["adapter_kwargs"] = {"r": t.lora_r, "lora_alpha": t.lora_alpha,
