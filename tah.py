@@ -594,9 +594,8 @@ class TaH(nn.Module):
             idx, q_valid = hard_first(active)  # (B, T_d) each
             if full:  # the soft token: the top-k of the logits so far, mixed over embeddings
                 x = self.soft_token(final[rows, idx])  # (B, T_d, H)
-            else:
-                k = self.tah.input_topk
-                x = self.mix_embeddings(top[0][rows, idx, :k], top[1][rows, idx, :k])
+            else:  # the same from the chunked top-k of z1 (values, ids), the only logits so far
+                x = self.mix_embeddings(*(t[rows, idx, :self.tah.input_topk] for t in top))
             view = keys.at_depth(depth, positions[rows, idx], q_valid, slots[rows, idx])
             x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
             h_d = self.model.norm(x)  # (B, T_d, H)
