@@ -234,10 +234,9 @@ class KVCache:
     nothing is copied per step. `valid` (B, max_iter * max_len) marks the entries that exist."""
 
     def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
-        config, max_iter = model.config, model.tah.max_iter
+        config, max_iter, self.max_len = model.config, model.tah.max_iter, max_len
         weight = model.model.embed_tokens.weight
         device, dtype = device or weight.device, dtype or weight.dtype
-        self.max_len = max_len
         shape = (batch_size, config.num_key_value_heads, max_iter * max_len, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype)
                   for _ in range(config.num_hidden_layers)]  # per layer (B, G, D*S, K)
@@ -547,16 +546,14 @@ class TaH(nn.Module):
         "soft_ids"/"soft_weights", the soft token's 5 largest mixture weights."""
         B, T = input_ids.shape
         L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         if positions is None:
             positions = start + (valid.cumsum(1) - 1).clamp(min=0)
         if policy is None:
             policy = "standard" if self.decider is None else "decider"
         named = isinstance(policy, str)
         if named and policy not in ("decider", "standard", "always"):
-            raise ValueError(f"policy must be 'decider', 'standard', 'always' or a tensor, "
-                             f"not {policy!r}")
+            raise ValueError(f"policy {policy!r}: use 'decider', 'standard', 'always' or a tensor")
         if named and policy == "decider" and self.decider is None:
             raise ValueError("policy 'decider' needs a model with a decider; this one has none "
                              "(use policy='standard' or 'always', or load a TaH checkpoint)")
@@ -597,9 +594,8 @@ class TaH(nn.Module):
             idx, q_valid = hard_first(active)  # (B, T_d) each
             if full:  # the soft token: the top-k of the logits so far, mixed over embeddings
                 x = self.soft_token(final[rows, idx])  # (B, T_d, H)
-            else:
-                k = self.tah.input_topk
-                x = self.mix_embeddings(top[0][rows, idx, :k], top[1][rows, idx, :k])
+            else:  # the same from the chunked top-k of z1 (values, ids), the only logits so far
+                x = self.mix_embeddings(*(t[rows, idx, :self.tah.input_topk] for t in top))
             view = keys.at_depth(depth, positions[rows, idx], q_valid, slots[rows, idx])
             x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
             h_d = self.model.norm(x)  # (B, T_d, H)
@@ -619,9 +615,8 @@ class TaH(nn.Module):
                      hidden)
         if trace:  # the numbers behind each token's passes, as the docstring lists them
             values, ids = top
-            prob = torch.full(iter_count.shape, float("nan"), device=iter_count.device)
-            if named and policy == "decider":
-                prob = torch.sigmoid(continue_logit.float())
+            prob = torch.sigmoid(continue_logit.float()) if named and policy == "decider" \
+                else torch.full(iter_count.shape, float("nan"), device=iter_count.device)
             final5 = final.topk(5, dim=-1)
             soft = values[..., :self.tah.input_topk].float().softmax(-1)  # (B, T, input_topk)
             out.trace = {
@@ -665,10 +660,9 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:
-        raise OSError(f"could not get {name!r} from the Hugging Face hub "
-                      f"({type(e).__name__}: {e}). Offline? Download it where you have a network "
-                      f"(`hf download {name} --local-dir DIR`), copy DIR here and pass that "
-                      "directory instead of the hub id.") from None
+        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                      f"{e}). Offline? Where you have a network, `hf download {name} --local-dir "
+                      "DIR`; copy DIR here and pass that directory instead of the id.") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -720,31 +714,27 @@ def _backbone_files(d: Path) -> list[Path]:
     raise FileNotFoundError(f"{d} has no model.safetensors or model.safetensors.index.json")
 
 
-ACCEPTED = {  # older tah_config.json fields of the authors' code -> the values that mean what we do
-    "input_updater": "TrivialUpdater",  # with topk: the top-k soft token
-    "output_updater": "AdditiveLogitsUpdater",  # z1 + z2
-    "iter_attention_mode": "duo",  # duo-causal attention
+IMPLEMENTED = {  # tah_config.json fields of the authors' code -> the values tah.py implements
+    "input_updater": (None, "TrivialUpdater"),  # with topk: the top-k soft token
+    "output_updater": (None, "AdditiveLogitsUpdater"),  # z1 + z2
+    "iter_attention_mode": (None, "duo"),  # duo-causal attention
+    "iter_label_generator": (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"),
+    "adapter": (None, "lora"),
+    "iter_decider": (None, "MLPIterDecider", "IterLabelDecider"),  # the last: oracle labels only
 }
 
 
 def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") -> TaHConfig:
     """Reads a tah_config.json in the authors' schema (ours writes the same schema), checked
     against the backbone's `config`; `where` names the file in errors."""
-    for key, ok in ACCEPTED.items():
-        if j.get(key) not in (None, ok):
+    for key, ok in IMPLEMENTED.items():
+        if j.get(key) not in ok:
             raise ValueError(f"{where}: {key} = {j[key]!r} is a variant tah.py does not "
-                             f"implement (it implements {ok!r}); this checkpoint cannot be run "
-                             "here")
-    if j.get("iter_label_generator") not in (None, "FixedIterLabelGenerator",
-                                             "DynamicMismatchIterLabelGenerator"):
-        raise ValueError(f"{where}: iter_label_generator = {j['iter_label_generator']!r}: tah "
-                         "implements only the reference-mismatch oracle labels")
+                             f"implement (only {ok[1:]}); this checkpoint cannot be run here")
     inp = _get(j, "input_updater_kwargs", "an object", where, {})
     if inp.get("use_hidden_states") or ("topk" in inp and inp["topk"] is None):
         raise ValueError(f"{where}: input_updater_kwargs asks for a hidden-state or full-"
                          "softmax input; tah.py implements only the top-k soft token")
-    if j.get("adapter") not in (None, "lora"):
-        raise ValueError(f"{where}: adapter = {j['adapter']!r}; tah.py implements only 'lora'")
     topk = _get(j, "input_updater_kwargs.topk", SIZE, where, 100, config.vocab_size)
     t = TaHConfig(max_iter=_get(j, "max_iter", SIZE, where, 2), input_topk=topk, lora_r=0,
                   lora_alpha=0, lora_dropout=0.0)
@@ -763,18 +753,13 @@ def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") 
         t.decider_expansion = _get(j, k + "expansion_factor", SIZE, where, 4)
         t.decider_dropout = _get(j, k + "dropout_rate", "a number in [0, 1]", where, 0.1)
         t.threshold = _get(j, k + "threshold", "a number in [0, 1]", where, 0.9)
-    elif j.get("iter_decider") not in (None, "IterLabelDecider"):
-        raise ValueError(f"{where}: iter_decider = {j['iter_decider']!r}; tah.py implements "
-                         "'MLPIterDecider' (or none: a stage-1 model that iterates by oracle "
-                         "labels)")
     return t
 
 
 def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
     """The authors' tah_config.json schema for `t`, which tah_config_from_json reads back."""
-    j = {"max_iter": t.max_iter, "input_updater_kwargs": {"topk": t.input_topk},
-         "iter_decider": None, "iter_attention_mode": "duo",
-         "output_updater": "AdditiveLogitsUpdater"}
+    j = {"max_iter": t.max_iter, "iter_decider": None, "iter_attention_mode": "duo",
+         "input_updater_kwargs": {"topk": t.input_topk}, "output_updater": "AdditiveLogitsUpdater"}
     if t.lora_r:
         j["adapter"] = "lora"
         j["adapter_kwargs"] = {"r": t.lora_r, "lora_alpha": t.lora_alpha,
@@ -792,9 +777,9 @@ def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
 
 def _read_decider(d: Path) -> tuple[Path, dict]:
     """The decider's file and its tensors in fp32 (names without the `decider.` prefix)."""
-    if (d / "decider.safetensors").exists():
-        return d / "decider.safetensors", _read_safetensors([d / "decider.safetensors"], "cpu",
-                                                            torch.float32)
+    path = d / "decider.safetensors"
+    if path.exists():
+        return path, _read_safetensors([path], "cpu", torch.float32)
     path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
     if not path.exists():
         raise FileNotFoundError(f"{d}: tah_config.json names a decider but there is no "
@@ -802,10 +787,9 @@ def _read_decider(d: Path) -> tuple[Path, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read by torch.load(weights_only=True) "
-                         f"({type(e).__name__}): damaged, or more than tensors (tah never unpickles"
-                         " arbitrary objects). Re-save its state_dict as decider.safetensors with"
-                         " a tool you trust") from None
+        raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it ({type(e).__name__}"
+                         "): damaged, or more than tensors; re-save its state_dict as "
+                         "decider.safetensors with a tool you trust") from None
     state = blob.get("state_dict") if type(blob) is dict else None
     if type(state) is not dict or not all(type(k) is str and isinstance(v, torch.Tensor)
                                           and v.is_floating_point() for k, v in state.items()):
@@ -831,14 +815,11 @@ def _match(state: dict, expected: dict, where) -> None:
                              "the files do not belong together: download or save them again")
 
 
-def _assign(model: TaH, state: dict, where) -> TaH:
-    """Puts `state` into a model built on the meta device, strictly (see `_match`). Ties the
-    head to the embeddings where the config says so (the one place that does)."""
-    if model.config.tie_word_embeddings:  # one matrix; some tied checkpoints still store the head
-        state.pop("lm_head.weight", None)
-        if "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    _match(state, model.state_dict(), where)
+def _assign(model: TaH, state: dict) -> TaH:
+    """Puts `state` (checked by `_match`) into a model built on the meta device, strictly. Ties
+    the head to the embeddings where the config says so (the one place that does)."""
+    if model.config.tie_word_embeddings:  # one matrix, whatever a tied checkpoint stores
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -861,11 +842,11 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
     with torch.device("meta"):
         model = TaH(config, tah)
     want = model.state_dict()  # each file must hold exactly its part of it
-    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
-        want.pop("lm_head.weight")
     files = _backbone_files(d)
     state = _read_safetensors(files, device, dtype)
-    state = {k: v for k, v in state.items() if k in want or k != "lm_head.weight"}
+    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
+        want.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     _match(state, {k: v for k, v in want.items() if ".lora_" not in k and "decider." not in k},
            ", ".join(map(str, files)))
     if tah.lora_r:
@@ -886,7 +867,7 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
         part = {"decider." + k: v.to(device) for k, v in part.items()}
         _match(part, {k: v for k, v in want.items() if "decider." in k}, path)
         state |= part
-    return _assign(model, state, d).eval()
+    return _assign(model, state).eval()
 
 
 def add_parts(model: TaH, tah: TaHConfig) -> TaH:
@@ -909,7 +890,7 @@ def add_parts(model: TaH, tah: TaHConfig) -> TaH:
         else:
             continue
         state.update({prefix + k: v for k, v in m.state_dict().items() if not v.is_meta})
-    return _assign(new, state, "add_parts").train(model.training)
+    return _assign(new, state).train(model.training)
 
 
 def _write_safetensors(path: Path, tensors: dict) -> None:
@@ -1023,7 +1004,6 @@ def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
     return Tokenizer(resolve(path_or_id))
 
 
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -1057,23 +1037,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the activations of long prompts
 
 
-def _widen(entry: dict, live: torch.Tensor, batch_size: int) -> dict:
-    """A trace entry of the rows `live` as (B, ...) CPU tensors; rows that finished get
-    passes 0, ids -1 and NaN numbers."""
-    out = {}
-    for name, v in entry.items():
-        fill = 0 if name == "passes" else -1 if name.endswith("_ids") else float("nan")
-        out[name] = torch.full((batch_size, *v.shape[1:]), fill, dtype=v.dtype)
-        out[name][live.cpu()] = v.cpu()
-    return out
-
-
 @torch.no_grad()
 def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: int, *,
              policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
-             trace: list | None = None,
-             **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             trace: list | None = None, **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the
     position that predicted the token got. Prompts are left-padded, with `valid` marking real
     tokens. Prefill runs the full TaH forward (the decider acts on prompt tokens too); each
@@ -1086,8 +1054,7 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
     B, T = ids.shape
     limit = model.config.max_position_embeddings
     if T >= limit:
-        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; "
-                         "shorten it")
+        raise ValueError(f"the prompt has {T} tokens but the model's context is {limit}; cut it")
     max_new_tokens = min(max_new_tokens, limit - T)
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.to(ids.device)
     cache = KVCache(model, B, T + max_new_tokens)
@@ -1099,10 +1066,9 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
                     cache=cache, start=s, threshold=threshold, logits="last",
                     trace=trace is not None)
         pieces.append(out.trace)
+    if trace is not None:  # the prompt's pieces as one entry
+        trace.append({k: torch.cat([p[k] for p in pieces], 1).cpu() for k in pieces[0]})
     live = torch.arange(B, device=ids.device)  # the rows still generating, as `out` has them
-    if trace is not None:
-        trace.append(_widen({k: torch.cat([p[k] for p in pieces], 1) for k in pieces[0]},
-                            live, B))
     pos = pos[:, -1:]  # (B, 1)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     tokens = torch.zeros(B, dtype=torch.long, device=ids.device)  # what each row yields
@@ -1120,5 +1086,10 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
         pos = pos + 1
         out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step,
                     threshold=threshold, logits="last", trace=trace is not None)
-        if trace is not None:
-            trace.append(_widen(out.trace, live, B))
+        if trace is not None:  # (B, ...) CPU tensors: finished rows get passes 0, ids -1, NaN
+            entry = {}
+            for name, v in out.trace.items():
+                fill = 0 if name == "passes" else -1 if name.endswith("_ids") else float("nan")
+                entry[name] = torch.full((B, *v.shape[1:]), fill, dtype=v.dtype)
+                entry[name][live.cpu()] = v.cpu()
+            trace.append(entry)
