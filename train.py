@@ -106,14 +106,17 @@ HARD_SHARE = 0.15  # tokens that iterate, as in the paper's labels
 CE_CHUNK = 1024
 
 def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens: int,
-                      micro_batch: int, dtype: torch.dtype) -> int:
-    """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens."""
+                      micro_batch: int, dtype: torch.dtype, share: float = HARD_SHARE) -> int:
+    """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens,
+    with a `share` of the tokens iterating (1 for AlwaysThink, 0 for Standard). The fit saw 15%;
+    another share scales the per-token terms, which pass 2 repeats for its tokens."""
     with torch.device("meta"):
         params = sum(p.numel() for p in tah.TaH(config, tah_config).parameters())
     V, H, T = config.vocab_size, config.hidden_size, tokens * micro_batch
     kv = KV_BYTES[dtype] * config.num_key_value_heads * config.head_dim
-    layers = config.num_hidden_layers * (4 * (1 + HARD_SHARE) * H + kv)  # bytes per token
-    phases = [params * (16 + extra) + vh * V * H + T * (layers + per_v * V) +
+    layers = config.num_hidden_layers * (4 * (1 + share) * H + kv)  # bytes per token
+    scale = (1 + share) / (1 + HARD_SHARE)  # the logits and their gradients, pass 2's included
+    phases = [params * (16 + extra) + vh * V * H + T * (layers + scale * per_v * V) +
               min(T, CE_CHUNK) * chunk_v * V
               for extra, vh, per_v, chunk_v in MEMORY_PHASES[dtype]]
     return int(max(*phases, 20 * params))
@@ -351,7 +354,7 @@ def decider_loss(model, b: dict, pos_weight: float):
     """BCE of the decider's pass-1 logit against the oracle labels, averaged over each row's real
     tokens (prompt positions are negatives) and summed over rows; train_step divides by the rows
     of the step: every row weighs the same, as in the authors' loss. Pass 2 never runs."""
-    logit = model(b["ids"], "standard", valid=b["valid"]).continue_logit.float()
+    logit = model(b["ids"], "standard", valid=b["valid"], logits="last").continue_logit.float()
     bce = F.binary_cross_entropy_with_logits(logit, (b["passes"] > 1).float(), reduction="none",
                                              pos_weight=logit.new_tensor(pos_weight))
     return ((bce * b["valid"]).sum(1) / b["valid"].sum(1).clamp(min=1)).sum(), len(bce)
@@ -427,7 +430,9 @@ def check_memory(run, name: str, model, data: dict, rows) -> None:
     if run.device.type == "cuda" and model.decider is None:
         longest = int((data["offsets"][1:] - data["offsets"][:-1])[rows].max())
         dtype = torch.bfloat16 if run.args.dtype == "bfloat16" else torch.float32
-        need = peak_memory_bytes(model.config, model.tah, longest, run.args.micro_batch, dtype)
+        share = {"always": 1.0, "standard": 0.0}.get(name, HARD_SHARE)  # who iterates
+        need = peak_memory_bytes(model.config, model.tah, longest, run.args.micro_batch, dtype,
+                                 share)
         have = torch.cuda.get_device_properties(run.device).total_memory
         run.log(f"{name}: estimated peak memory {need / 2**30:.1f} of {have / 2**30:.1f} GiB")
         if need > 0.97 * have and not run.args.skip_memory_check:
@@ -482,7 +487,9 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
     start = 0
     if a.resume and state_path.exists():  # whole tensors by name: any number of processes
         s = torch.load(state_path, map_location=run.device, weights_only=True)
-        model.load_state_dict(s["params"], strict=False)
+        if set(s["params"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
+            fail(f"{state_path} does not belong to this stage; delete it to start the stage over")
+        model.load_state_dict(s["params"], strict=False)  # the trained parameters, all of them
         opt.load_state_dict(s["optim"])
         start = int(s["step"])
         run.log(f"{name}: resuming at step {start}/{steps}")
@@ -746,17 +753,18 @@ def many_seeds(a) -> dict:
     names = dict(acc="acc", iterating="iter", iterating_all="all", acc_easy="1-hop",
                  acc_hard="2-hop")
     print(f"\nseeds {' '.join(map(str, a.seeds))}: mean [min, max]\nmodel          policy   " +
-          "".join(f"{v:>22}" for v in names.values()))
+          "".join(f"{v:>23}" for v in names.values()))
     for model, per in summary.items():
         for policy, m in per.items():
             print(f"{model:14} {policy:8}" + "".join(f"{m[k][0]:8.3f} [{m[k][1]:.3f}, "
-                                                     f"{m[k][2]:.3f}]" if k in m else " " * 22
+                                                     f"{m[k][2]:.3f}]" if k in m else " " * 23
                                                      for k in names))
     return summary
 
 class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # the default after each help, unless None or False
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        hide = action.default is None or action.default is False
+        return action.help if hide else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -792,7 +800,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the pass-2 LoRA")
     add("--input-topk", type=int, default=100, help="top-k logits mixed into the soft token")
     add("--decider-layers", type=int, nargs="+", default=[0, 7, 13, 20, 26], help="hidden states "
-        "the decider reads (0 = embeddings, k = layer k)")
+        "the decider reads (0 = embeddings, k = layer k's output, L = the final norm's)")
     add("--decider-dims", type=int, nargs="+", default=[256] * 6, help="its blocks' widths")
     add("--decider-topk", type=int, default=100, help="top-k logit values the decider reads")
     add("--pos-weight", type=float, default=4.8, help="BCE weight of hard tokens (0: neg/pos)")
@@ -850,11 +858,12 @@ def check_args(a) -> None:
     for flag in ["model", "reference"][:0 if a.size == "toy" else 1 if a.baseline else 2]:
         try:
             d = tah.resolve(getattr(a, flag))
-            layers = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+            config = tah.Qwen3Config.from_dict(tah._read_json(d / "config.json"), d / "config.json")
             tok = tah.load_tokenizer(d) if flag == "model" else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError) as e:
             fail(f"--{flag} {getattr(a, flag)}: not a Qwen3 checkpoint ({type(e).__name__}: {e}); "
                  "give a hub id or a directory with config.json, *.safetensors, tokenizer.json")
+        layers = config.num_hidden_layers if flag == "model" else layers
         if tok and not tok.has_chat:
             fail(f"--model {a.model}: its tokenizer has no <|im_start|>/<|im_end|> tokens, and the "
                  "data is written in Qwen3's chat format; use a Qwen3 tokenizer")
@@ -869,8 +878,9 @@ def prepare_out(a) -> argparse.Namespace:
     """--out made, or found holding a run of the same settings; settings.json written."""
     out, keep = Path(a.out), json.loads(json.dumps({k: v for k, v in vars(a).items()
                                                     if k not in VOLATILE}))
-    settings = out / "settings.json"
-    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not settings.exists()):
+    settings, rank = out / "settings.json", int(os.environ.get("RANK", 0))
+    if rank == 0 and out.exists() and (not out.is_dir() or any(out.iterdir()) and
+                                       not settings.exists()):
         fail(f"--out {out} is not a train.py run; give a new or empty directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -885,7 +895,9 @@ def prepare_out(a) -> argparse.Namespace:
              "same flags, or --no-resume to start over")
     if a.threads:
         torch.set_num_threads(a.threads)
-    settings.write_text(json.dumps(keep, indent=1))
+    if rank == 0:  # under torchrun the other processes only read it
+        (out / ".settings.json.tmp").write_text(json.dumps(keep, indent=1))
+        os.replace(out / ".settings.json.tmp", settings)  # whole or not at all
     return a
 
 if __name__ == "__main__":

@@ -301,7 +301,7 @@ def test_decider_loss_weighs_every_row_the_same():
     logit = torch.tensor([[0.0, 2.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     passes = torch.tensor([[1, 2, 1, 1], [2, 1, 1, 1]])
     valid = torch.tensor([[True, True, True, False], [True, False, False, False]])  # 3 and 1 real tokens
-    model = lambda ids, policy, valid: SimpleNamespace(continue_logit=logit)  # noqa: E731
+    model = lambda ids, policy, valid, logits: SimpleNamespace(continue_logit=logit)  # noqa: E731
     loss, rows = train.decider_loss(model, dict(ids=passes, passes=passes, valid=valid), pos_weight=2.0)
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731 softplus: BCE = pos_weight * sp(-z) if hard, sp(z) if not
     row0 = (sp(0.0) + 2 * sp(-2.0) + sp(-1.0)) / 3
@@ -405,3 +405,12 @@ def test_peak_memory_estimate_matches_the_rehearsal():
                             num_attention_heads=1, num_key_value_heads=1, head_dim=8)
     n = sum(p.numel() for p in tah.TaH(small, parts).parameters())
     assert train.peak_memory_bytes(small, parts, 1, 1, torch.float32) == 20 * n
+
+
+def test_the_estimate_follows_who_iterates():
+    """AlwaysThink's second pass over every token costs more than stage 1's 15%; Standard less."""
+    config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
+    at = {share: train.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16, share)
+          for share in (0.0, train.HARD_SHARE, 1.0)}
+    assert at[0.0] < at[train.HARD_SHARE] < at[1.0]
+    assert at[train.HARD_SHARE] == train.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16)
