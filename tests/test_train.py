@@ -171,9 +171,13 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return ce(*a)
     monkeypatch.setattr(train, "chunked_ce", ce_then_ctrl_c)
-    with pytest.raises(SystemExit) as e:
-        train.main(TOY + ["--out", str(tmp_path)])
-    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # nohup/`&` ignore SIGINT
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main(TOY + ["--out", str(tmp_path)])
+        assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert int(torch.load(tmp_path / "standard.state.pt", weights_only=True)["step"]) == 2
 
 
