@@ -236,7 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("prompt", nargs="?", help="the prompt; without one (and without --eval) a chat starts")
-    add("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint directory")
+    add("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint "
+        "directory (default %(default)s)")
     add("--system", help="system message (chat format only)")
     add("--no-think", action="store_true", help="turn Qwen3's thinking off (empty <think> block)")
     add("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
@@ -244,9 +245,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="who gets pass 2: the decider (default if the model has one), nobody, everybody")
     add("--threshold", type=float,
         help=f"decider threshold (default: the checkpoint's; {EVAL_THRESHOLD} with --eval)")
-    add("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    add("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    add("--top-k", type=int, default=20, help="sample among the k likeliest tokens (0 = all)")
+    add("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy; "
+        "default %(default)s)")
+    add("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
+    add("--top-k", type=int, default=20, help="sample among the k likeliest "
+        "tokens (0 = all; default %(default)s)")
     add("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top one")
     add("--greedy", action="store_true", help="always take the most likely token")
     add("--max-new-tokens", type=int, help="stop after this many (default 1024; 4096 with --eval)")
@@ -260,7 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "\\boxed{} (else its first word) against the answer, by math-verify if installed")
     add("--instruction", nargs="?", const=INSTRUCTION, metavar="TEXT", help="--eval: append TEXT "
         f"to each question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
-    add("--batch-size", type=int, default=1, help="--eval: questions generated together")
+    add("--batch-size", type=int, default=1, help="--eval: questions generated "
+        "together (default %(default)s)")
     a = p.parse_args(argv)
     for flag, ok, hint in [  # NaN fails every comparison, so it is refused too
             ("temperature", a.temperature >= 0, "give 0 or more"),
@@ -284,7 +288,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError(f"--device {a.device} is not usable here ({why}); "
                          "leave --device out to take the first available") from None
     try:  # a page that cannot be written fails before generation, not after
-        if a.html:
+        if a.html and not os.path.exists(a.html):
+            open(a.html, "a").close()  # try it, and leave nothing behind
+            os.remove(a.html)
+        elif a.html:
             open(a.html, "a").close()
     except OSError as e:
         raise ValueError(f"cannot write --html {a.html} ({e.strerror}); give a writable path") \
