@@ -903,6 +903,8 @@ def prepare_out(a) -> argparse.Namespace:
 if __name__ == "__main__":
     try:
         main()
+        if dist.is_initialized():  # every process ends together: gloo aborts one left alone
+            dist.barrier()
     except KeyboardInterrupt:  # outside a training loop (data, labels, evaluation)
         sys.exit("interrupted: finished stages are kept; rerun the same command to go on")
     finally:
