@@ -290,9 +290,8 @@ def batch_indices(seed: int, step: int, n: int, batch: int) -> torch.Tensor:
     """Rows (0..n-1) of one optimizer step, a function of (seed, step) alone: resuming needs no
     loader state. Epoch e walks a permutation seeded by (seed, e)."""
     g = torch.arange(step * batch, (step + 1) * batch)  # global sample counter
-    perm = [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + int(e)))
-            for e in (g // n).unique()]
-    return torch.cat([p[g[g // n == e] % n] for p, e in zip(perm, (g // n).unique())])
+    return torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e))
+                      [g[g // n == e] % n] for e in (g // n).unique().tolist()])
 
 
 # ----------------------------------------------------------------------------- labels and losses
