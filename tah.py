@@ -28,7 +28,9 @@ import copy
 import json
 import math
 import os
+import pickle
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -36,38 +38,31 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from tokenizers import Tokenizer as HFTokenizer
 
 # ----------------------------------------------------------------------------- config
 
 
-# What a value in a checkpoint's JSON must be -> its test (sizes bounded: products fit int64)
-SIZE, INTS = "a positive integer up to 2**20", "a list of integers in [0, 2**20]"
-WANTS = {
-    SIZE: lambda v: type(v) is int and 0 < v <= 2**20,
-    INTS: lambda v: type(v) is list and v and all(type(i) is int and 0 <= i <= 2**20 for i in v),
-    "a positive number": lambda v: type(v) in (int, float) and 0 < v < math.inf,
-    "a number in [0, 1]": lambda v: type(v) in (int, float) and 0 <= v <= 1,
-    "true or false": lambda v: type(v) is bool,
-    "a string": lambda v: type(v) is str,
-    "an object": lambda v: type(v) is dict,
-}
-
-
-def _get(j: dict, key: str, want: str | None, where, default=..., most=None):
-    """j[key], or j["a"]["b"] for key "a.b", if it is `want` (None: anything) and at most `most`;
-    `default` if absent or null. Every value read from a checkpoint's JSON passes here."""
-    *outer, last = key.split(".")
-    for part in outer:
-        j = _get(j, part, "an object", where, {})
-    v = j.get(last)
-    if v is None and default is not ...:
-        return default
-    ok = v is not None and (not want or WANTS[want](v))
-    if not ok or most and max(v if type(v) is list else [v]) > most:
-        bound = f" and at most {most} (config.json)" if most else ""
-        raise ValueError(f"{where}: {key} must be {want}{bound}, got {v!r}; fix the file, or "
-                         "download or save the checkpoint again")
-    return v
+def _fill(cls, values: dict, most: dict | None = None):
+    """A `cls` dataclass with `values` for its fields (absent or null: the default), each of its
+    default's type; integers in [1, 2**20] (nothing absurd gets built), numbers >= 0 and finite,
+    and at most `most[field]`. Checks what no library checks before a model is built."""
+    obj = cls()
+    for f in fields(cls):
+        v, default = values.get(f.name), getattr(obj, f.name)
+        if v is None or default is None:  # absent, or a token id (tah.py never reads those)
+            continue
+        kind, number = type(default), type(default) in (int, float)
+        low, top = (1, 2**20) if kind is int else (0, 1e30)
+        top = (most or {}).get(f.name, top)
+        if not (type(v) is kind or kind is float and type(v) is int) or \
+                number and not low <= v <= top:  # NaN and inf fail the bound too
+            raise ValueError(f"{f.name} is {v!r}; it must be {kind.__name__}" +
+                             f" in [{low}, {top}]" * number)
+        setattr(obj, f.name, v)
+    return obj
 
 
 @dataclass
@@ -91,34 +86,48 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, where: str | os.PathLike = "config.json") -> "Qwen3Config":
-        """Keeps the known keys of a config.json, each checked (`where` names the file in errors);
-        rejects what this file cannot run. A key that is absent or null keeps its default."""
+    def from_dict(cls, d: dict) -> "Qwen3Config":
+        """The known keys of a config.json; refuses what tah.py does not implement."""
         if d.get("model_type", "qwen3") != "qwen3":
-            raise ValueError(f"{where} has model_type={d['model_type']!r}; tah.py implements "
-                             "only 'qwen3' (Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
-        rope = _get(d, "rope_parameters", "an object", where, {})  # newer: rope_theta in here
-        scaling = _get(d, "rope_scaling", "an object", where, {})
-        if {scaling.get("rope_type", "default"), rope.get("rope_type", "default")} != {"default"}:
-            raise ValueError(f"{where} asks for scaled RoPE; tah.py implements only plain RoPE")
+            raise ValueError(f"model_type is {d['model_type']!r}; tah.py implements only 'qwen3' "
+                             "(Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
+        for rope in (d.get("rope_scaling"), d.get("rope_parameters")):  # older, newer transformers
+            if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError("it asks for scaled RoPE; tah.py implements only plain RoPE")
         if d.get("attention_bias") or d.get("use_sliding_window"):
-            raise ValueError(f"{where} asks for attention biases or sliding windows; "
-                             "Qwen3 dense models use neither and tah.py implements neither")
-        d = {"rope_theta": rope.get("rope_theta"), "torch_dtype": d.get("dtype", "float32"), **d}
-        kinds = {int: SIZE, float: "a positive number", bool: "true or false", str: "a string"}
-        cfg = cls(**{f.name: _get(d, f.name, kinds.get(type(f.default)), where, f.default)
-                     for f in fields(cls)})  # the token ids (default None) are kept as they are
+            raise ValueError("it asks for attention biases or sliding windows; Qwen3 dense models "
+                             "use neither and tah.py implements neither")
+        rope_theta = (d.get("rope_parameters") or {}).get("rope_theta")  # where newer ones keep it
+        cfg = _fill(cls, {"rope_theta": rope_theta, "torch_dtype": d.get("dtype"), **d})
         if d.get("head_dim") is None:  # older configs: hidden_size split over the heads
             cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(f"{where}: num_attention_heads ({cfg.num_attention_heads}) must "
-                             f"be a multiple of num_key_value_heads ({cfg.num_key_value_heads})")
-        if cfg.head_dim % 2 or not cfg.head_dim:
-            raise ValueError(f"{where}: head_dim must be positive and even, got {cfg.head_dim}")
+        if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 2:
+            raise ValueError(f"num_attention_heads ({cfg.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({cfg.num_key_value_heads}), head_dim "
+                             f"({cfg.head_dim}) even")
         return cfg
 
     def to_dict(self) -> dict:
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **asdict(self)}
+
+
+IMPLEMENTED = {  # tah_config.json's variants in the authors' code -> those tah.py implements
+    "input_updater": (None, "TrivialUpdater"),  # with topk: the top-k soft token
+    "output_updater": (None, "AdditiveLogitsUpdater"),  # z1 + z2
+    "iter_attention_mode": (None, "duo"),  # duo-causal attention
+    "iter_label_generator": (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"),
+    "adapter": (None, "lora"),
+    "iter_decider": (None, "MLPIterDecider", "IterLabelDecider"),  # the last: oracle labels only
+}
+SCHEMA = {  # tah_config.json's keys ("group.key": `key` in the object `group`) -> TaHConfig's
+    "max_iter": "max_iter", "input_updater_kwargs.topk": "input_topk",
+    "adapter_kwargs.r": "lora_r", "adapter_kwargs.lora_alpha": "lora_alpha",
+    "adapter_kwargs.lora_dropout": "lora_dropout",
+    "iter_decider_kwargs.hidden_states_layer_nums": "decider_layers",
+    "iter_decider_kwargs.topk": "decider_topk", "iter_decider_kwargs.hidden_dims": "decider_dims",
+    "iter_decider_kwargs.expansion_factor": "decider_expansion",
+    "iter_decider_kwargs.dropout_rate": "decider_dropout",
+    "iter_decider_kwargs.threshold": "threshold"}
 
 
 @dataclass
@@ -136,6 +145,52 @@ class TaHConfig:
     decider_expansion: int = 4  # the hidden width of a block's MLP, as a multiple of its width
     decider_dropout: float = 0.1  # dropout inside the decider's blocks, in training only
     threshold: float = 0.9  # iterate iff sigmoid(decider logit) > threshold
+
+    @classmethod
+    def from_json(cls, j: dict, config: Qwen3Config) -> "TaHConfig":
+        """Reads a tah_config.json in the authors' schema (`to_json` writes the same) for the
+        backbone `config`; refuses the variants tah.py does not implement."""
+        flat = j | {f"{group}.{k}": v for group, kwargs in j.items() if type(kwargs) is dict
+                    for k, v in kwargs.items()}
+        for key, ok in IMPLEMENTED.items():
+            if j.get(key) not in ok:
+                raise ValueError(f"{key} = {j[key]!r}: tah.py implements only {ok[1:]}")
+        if flat.get("input_updater_kwargs.use_hidden_states") or \
+                flat.get("input_updater_kwargs.topk", 0) is None or \
+                flat.get("iter_decider_kwargs.normalize_input"):
+            raise ValueError("it asks for a hidden-state or full-softmax input to pass 2, or a "
+                             "normalised decider input; tah.py implements neither")
+        lora, decider = j.get("adapter") == "lora", j.get("iter_decider") == "MLPIterDecider"
+        needed = ["adapter_kwargs.r", "adapter_kwargs.lora_alpha"] * lora + [
+            "iter_decider_kwargs.hidden_states_layer_nums", "iter_decider_kwargs.hidden_dims"] * decider
+        if [k for k in needed if flat.get(k) is None]:
+            raise ValueError(f"it lacks {[k for k in needed if flat.get(k) is None]}")
+        V, L = config.vocab_size, config.num_hidden_layers
+        t = _fill(cls, {ours: flat.get(theirs) for theirs, ours in SCHEMA.items()}, most=dict(
+            input_topk=V, decider_topk=V, lora_dropout=1, decider_dropout=1, threshold=1))
+        t.lora_r = t.lora_r if lora else 0
+        t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums") if decider else None
+        if decider and not all(type(i) is int and 0 <= i <= L for i in t.decider_layers):
+            raise ValueError(f"hidden_states_layer_nums is {t.decider_layers!r}; it must list "
+                             f"hidden-state indices in [0, {L}]")
+        return t
+
+    def to_json(self, hidden_size: int) -> dict:
+        """The authors' tah_config.json schema, which `from_json` reads back."""
+        lora, decider = self.lora_r > 0, self.decider_layers is not None
+        j = {"max_iter": self.max_iter, "iter_attention_mode": "duo",
+             "output_updater": "AdditiveLogitsUpdater", "adapter": "lora" if lora else None,
+             "iter_decider": "MLPIterDecider" if decider else None}
+        if lora:
+            j["adapter_kwargs"] = {"target_modules": "all-linear", "bias": "none"}
+        if decider:
+            j["iter_decider_kwargs"] = {"hidden_states_size": hidden_size, "max_iter": self.max_iter,
+                                        "normalize_input": False}
+        for theirs, ours in SCHEMA.items():
+            group, _, key = theirs.rpartition(".")
+            if group in j or group == "input_updater_kwargs":
+                j.setdefault(group, {})[key] = getattr(self, ours)
+        return j
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -431,7 +486,6 @@ class Output:
     iter_count: torch.Tensor  # (B, T) passes each token got
     continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
     hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, norm]
-    trace: dict[str, torch.Tensor] | None = None  # with trace=True: see TaH.forward
 
 
 def hard_first(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,17 +587,11 @@ class TaH(nn.Module):
     def forward(self, input_ids: torch.Tensor, policy: str | torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0, threshold: float | None = None,
-                output_hidden_states: bool = False, logits: str = "all",
-                trace: bool = False) -> Output:
+                output_hidden_states: bool = False, logits: str = "all") -> Output:
         """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
         (False = padding); positions (B, T) default to the count of real tokens before each.
         logits="last" returns only the last position's logits (B, 1, V) and never holds all
-        (B, T, V) of them: the top-k the decider and soft token need come in chunks (unless
-        trace=True, which reads all of them).
-        trace=True adds Output.trace, (B, T[, 5]) tensors: "passes"; "prob" (the decider's
-        sigmoid, NaN unless the policy is "decider"); "pass1_ids"/"pass1_probs" and
-        "final_ids"/"final_probs", the top 5 of the softmax of z1 and of the final logits;
-        "soft_ids"/"soft_weights", the soft token's 5 largest mixture weights."""
+        (B, T, V) of them: the top-k the decider and soft token need come in chunks."""
         B, T = input_ids.shape
         L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
@@ -552,14 +600,13 @@ class TaH(nn.Module):
         if policy is None:
             policy = "standard" if self.decider is None else "decider"
         named = isinstance(policy, str)
-        if named and policy not in ("decider", "standard", "always"):
-            raise ValueError(f"policy {policy!r}: use 'decider', 'standard', 'always' or a tensor")
-        if named and policy == "decider" and self.decider is None:
-            raise ValueError("policy 'decider' needs a model with a decider; this one has none "
-                             "(use policy='standard' or 'always', or load a TaH checkpoint)")
+        allowed = ("standard", "always") + ("decider",) * (self.decider is not None)
+        if named and policy not in allowed:
+            raise ValueError(f"policy {policy!r}: use 'standard', 'always', a (B, T) tensor of "
+                             "passes, or 'decider' with a model that has one")
         if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
-        use_decider = named and self.decider is not None
+        use_decider = named and self.decider is not None  # its logit comes with every named policy
         keep = set(range(L + 1)) if output_hidden_states else set()
         if use_decider:
             keep |= set(self.tah.decider_layers)
@@ -572,14 +619,13 @@ class TaH(nn.Module):
         x, kept = self._pass(x, keys.at_depth(1, positions, valid, slots), keep)
         h = kept[L] = self.model.norm(x)  # (B, T, H); index L = the final norm, as the decider says
         hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
-        # all (B, T, V) logits when asked for, when they are one row anyway, for a trace, or for
-        # a third pass (it re-decides on the running sums z1 + z2, which are then kept whole)
-        full = logits == "all" or T == 1 or trace or max_iter > 2
+        # all (B, T, V) logits when asked for, when they are one row anyway, or for a third pass
+        # (it re-decides on the running sums z1 + z2, which are then kept whole)
+        full = logits == "all" or T == 1 or max_iter > 2
         final = self.lm_head(h) if full else self.lm_head(h[:, -1:])  # z1 (B, T or 1, V)
-        need = [self.tah.decider_topk] * use_decider + [self.tah.input_topk, 5] * trace
+        need = [self.tah.decider_topk] * use_decider
         need += [self.tah.input_topk] * (not full and not (named and policy == "standard"))
         top = self.head_topk(h, max(need), final if full else None) if need else None
-        lse1 = final.float().logsumexp(-1) if trace else None  # (B, T) before z2 joins
 
         # decide: the decider (or the policy) picks the hard tokens
         continue_logit = self.decider(kept, top[0]) if use_decider else None
@@ -611,22 +657,8 @@ class TaH(nn.Module):
                 c = self.decider({**kept_d, L: h_d}, final[rows, idx]) if use_decider else None
                 go = self._decide(sub, depth, c, threshold, q_valid)
                 active = torch.zeros_like(active).scatter(1, idx, go)
-        out = Output(final[:, -1:] if logits == "last" else final, iter_count, continue_logit,
-                     hidden)
-        if trace:  # the numbers behind each token's passes, as the docstring lists them
-            values, ids = top
-            prob = torch.sigmoid(continue_logit.float()) if named and policy == "decider" \
-                else torch.full(iter_count.shape, float("nan"), device=iter_count.device)
-            final5 = final.topk(5, dim=-1)
-            soft = values[..., :self.tah.input_topk].float().softmax(-1)  # (B, T, input_topk)
-            out.trace = {
-                "passes": iter_count, "prob": prob, "pass1_ids": ids[..., :5],
-                "pass1_probs": (values[..., :5].float() - lse1[..., None]).exp(),  # softmax
-                "final_ids": final5.indices,
-                "final_probs": (final5.values.float() - final.float().logsumexp(-1, True)).exp(),
-                "soft_weights": soft[..., :5],  # the largest weights: the largest logits
-                "soft_ids": ids[..., :soft[..., :5].shape[-1]]}
-        return out
+        return Output(final[:, -1:] if logits == "last" else final, iter_count, continue_logit,
+                      hidden)
 
     def _decide(self, policy, depth, continue_logit, threshold, valid):
         """Which tokens (B, T) get pass depth+1."""
@@ -665,211 +697,127 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
                       "DIR`; copy DIR here and pass that directory instead of the id.") from None
 
 
-def _read_json(path: Path) -> dict:
+@contextmanager
+def reading(path):
+    """The one guard around reading a file: what json, safetensors, torch.load, tokenizers or
+    load_state_dict report about it becomes one line that names it (FileNotFoundError if it is
+    missing, else ValueError)."""
     try:
-        j = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: is {path.parent} a Qwen3/TaH "
-                                "checkpoint?") from None
-    except (OSError, ValueError) as e:  # not JSON, not UTF-8, a folder, unreadable
-        raise ValueError(f"{path} is not valid JSON ({e}); fix or re-download the file") from None
+        yield
+    except Exception as e:
+        if isinstance(e, FileNotFoundError) or isinstance(path, Path) and not path.exists():
+            raise FileNotFoundError(f"{getattr(e, 'filename', None) or path} is missing: the "
+                                    "checkpoint is not whole; download or save it again") from None
+        why = " ".join(str(e).split())  # the library's message, on one line
+        why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}"
+        raise ValueError(f"{path}: {why[:400]}; the file is damaged or does not belong with the "
+                         "others: fix it, or download or save the checkpoint again") from None
+
+
+def read_json(path: Path) -> dict:
+    j = json.loads(path.read_text(encoding="utf-8"))
     if type(j) is not dict:
-        raise ValueError(f"{path} does not hold a JSON object; fix or re-download it")
+        raise ValueError("it does not hold a JSON object")
     return j
 
 
-def _read_safetensors(files: list[Path], device, dtype=None, prefix: str = "") -> dict:
-    """Tensors straight onto `device`, cast one at a time (no second copy of the model)."""
-    from safetensors import safe_open
-    out = {}
-    for f in files:
+FILES = {"model": "model.safetensors", "lora": "lora/adapter_model.safetensors",
+         "decider": "decider.safetensors"}  # the parts of a checkpoint
+
+
+def _owner(key: str) -> str:
+    """The part of a checkpoint that stores the model's tensor `key`."""
+    return "lora" if ".lora_" in key else "decider" if key.startswith("decider.") else "model"
+
+
+def _checkpoint_files(d: Path, model: TaH) -> dict[str, list[Path]]:
+    """The files of each part of the checkpoint in d that `model`, built from its configs, has."""
+    files = {"model": [d / FILES["model"]]}
+    index = d / "model.safetensors.index.json"
+    if index.exists():  # shards
+        with reading(index):
+            files["model"] = [d / s for s in sorted(set(read_json(index)["weight_map"].values()))]
+            if any(f.parent != d for f in files["model"]):
+                raise ValueError(f"weight_map must name files in {d}")
+    elif not files["model"][0].exists() and [*d.glob("pytorch_model*.bin"), *d.glob("*.pt")]:
+        raise ValueError(f"{d} has weights only as pickles (.bin/.pt); tah loads safetensors only. "
+                         "Convert them to model.safetensors with a tool you trust.")
+    if model.tah.lora_r:
+        files["lora"] = [d / FILES["lora"]]
+    if model.decider is not None:  # ours, or else the authors' torch.save dict
+        ours, theirs = d / FILES["decider"], d / "iter_decider.bin"
+        files["decider"] = [theirs if theirs.exists() and not ours.exists() else ours]
+    return files
+
+
+def _tensors(f: Path, device, dtype) -> dict[str, torch.Tensor]:
+    """The tensors of file f under the model's names; floating-point ones cast to dtype."""
+    if f.name == "iter_decider.bin":  # the authors' torch.save dict: class, init_args, state_dict
         try:
-            with safe_open(str(f), framework="pt", device=str(device)) as st:
-                for k in st.keys():
-                    t = st.get_tensor(k)
-                    t = t.to(dtype or t.dtype) if t.is_floating_point() else t  # see `_match`
-                    # a tensor left at an unaligned address in the file's buffer makes every
-                    # matmul on it ~12% slower: copy such a one (one tensor at a time)
-                    out[k.removeprefix(prefix)] = t.clone() if t.data_ptr() % 64 else t
-        except Exception as e:  # safetensors checks the header against the file's size and layout
-            raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                             "it is truncated or damaged: copy or download it again") from None
+            state = torch.load(f, map_location=device, weights_only=True)["state_dict"]
+        except pickle.UnpicklingError:  # torch's message would suggest weights_only=False
+            raise ValueError("torch.load(weights_only=True) refuses it: it holds more than "
+                             "tensors. Re-save its state_dict as decider.safetensors with a tool "
+                             "you trust") from None
+        state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
+        return {"decider." + k: v.to(dtype) if v.is_floating_point() else v
+                for k, v in state.items()}
+    prefix = "base_model.model." if f.parent.name == "lora" else ""  # PEFT's names
+    add = "decider." if f.name == "decider.safetensors" else ""
+    out = {}
+    with safe_open(str(f), framework="pt", device=str(device)) as st:
+        for k in st.keys():  # one tensor at a time: never a second copy of the model
+            t = st.get_tensor(k)
+            t = t.to(dtype) if t.is_floating_point() else t
+            # a tensor at an unaligned address in the file's buffer slows matmuls by ~12%: copy it
+            out[add + k.removeprefix(prefix)] = t.clone() if t.data_ptr() % 64 else t
     return out
 
 
-def _backbone_files(d: Path) -> list[Path]:
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        shards = list(_get(_read_json(index), "weight_map", "an object", index).values())
-        if not all(type(s) is str and s == Path(s).name for s in shards):
-            raise ValueError(f"{index}: weight_map must map tensors to file names in {d}; fix it")
-        shards = sorted(set(shards))
-        missing = [s for s in shards if not (d / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not in {d}: {missing}")
-        return [d / s for s in shards]
-    if (d / "model.safetensors").exists():
-        return [d / "model.safetensors"]
-    if list(d.glob("*.bin")) or list(d.glob("*.pt")):
-        raise ValueError(f"{d} has weights only as pickles (.bin/.pt); tah loads safetensors only. "
-                         "Convert them to model.safetensors with a tool you trust.")
-    raise FileNotFoundError(f"{d} has no model.safetensors or model.safetensors.index.json")
-
-
-IMPLEMENTED = {  # tah_config.json fields of the authors' code -> the values tah.py implements
-    "input_updater": (None, "TrivialUpdater"),  # with topk: the top-k soft token
-    "output_updater": (None, "AdditiveLogitsUpdater"),  # z1 + z2
-    "iter_attention_mode": (None, "duo"),  # duo-causal attention
-    "iter_label_generator": (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"),
-    "adapter": (None, "lora"),
-    "iter_decider": (None, "MLPIterDecider", "IterLabelDecider"),  # the last: oracle labels only
-}
-
-
-def tah_config_from_json(j: dict, config: Qwen3Config, where="tah_config.json") -> TaHConfig:
-    """Reads a tah_config.json in the authors' schema (ours writes the same schema), checked
-    against the backbone's `config`; `where` names the file in errors."""
-    for key, ok in IMPLEMENTED.items():
-        if j.get(key) not in ok:
-            raise ValueError(f"{where}: {key} = {j[key]!r} is a variant tah.py does not "
-                             f"implement (only {ok[1:]}); this checkpoint cannot be run here")
-    inp = _get(j, "input_updater_kwargs", "an object", where, {})
-    if inp.get("use_hidden_states") or ("topk" in inp and inp["topk"] is None):
-        raise ValueError(f"{where}: input_updater_kwargs asks for a hidden-state or full-"
-                         "softmax input; tah.py implements only the top-k soft token")
-    topk = _get(j, "input_updater_kwargs.topk", SIZE, where, 100, config.vocab_size)
-    t = TaHConfig(max_iter=_get(j, "max_iter", SIZE, where, 2), input_topk=topk, lora_r=0,
-                  lora_alpha=0, lora_dropout=0.0)
-    if j.get("adapter") == "lora":
-        t.lora_r, t.lora_alpha = _get(j, "adapter_kwargs.r", SIZE, where), \
-            _get(j, "adapter_kwargs.lora_alpha", "a positive number", where)
-        t.lora_dropout = _get(j, "adapter_kwargs.lora_dropout", "a number in [0, 1]", where, 0.0)
-    if j.get("iter_decider") == "MLPIterDecider":
-        k = "iter_decider_kwargs."
-        if _get(j, k + "normalize_input", "true or false", where, False):
-            raise ValueError(f"{where}: the decider's normalize_input=true is not implemented")
-        t.decider_layers = _get(j, k + "hidden_states_layer_nums", INTS, where,
-                                most=config.num_hidden_layers)  # 0 = embeddings ... L = final norm
-        t.decider_dims = _get(j, k + "hidden_dims", INTS, where)
-        t.decider_topk = _get(j, k + "topk", SIZE, where, 100, config.vocab_size)
-        t.decider_expansion = _get(j, k + "expansion_factor", SIZE, where, 4)
-        t.decider_dropout = _get(j, k + "dropout_rate", "a number in [0, 1]", where, 0.1)
-        t.threshold = _get(j, k + "threshold", "a number in [0, 1]", where, 0.9)
-    return t
-
-
-def tah_config_to_json(t: TaHConfig, hidden_size: int) -> dict:
-    """The authors' tah_config.json schema for `t`, which tah_config_from_json reads back."""
-    j = {"max_iter": t.max_iter, "iter_decider": None, "iter_attention_mode": "duo",
-         "input_updater_kwargs": {"topk": t.input_topk}, "output_updater": "AdditiveLogitsUpdater"}
-    if t.lora_r:
-        j["adapter"] = "lora"
-        j["adapter_kwargs"] = {"r": t.lora_r, "lora_alpha": t.lora_alpha,
-                               "lora_dropout": t.lora_dropout, "target_modules": "all-linear",
-                               "bias": "none"}
-    if t.decider_layers is not None:
-        j["iter_decider"] = "MLPIterDecider"
-        j["iter_decider_kwargs"] = {
-            "topk": t.decider_topk, "hidden_states_size": hidden_size,
-            "hidden_states_layer_nums": list(t.decider_layers), "hidden_dims": list(t.decider_dims),
-            "expansion_factor": t.decider_expansion, "dropout_rate": t.decider_dropout,
-            "normalize_input": False, "threshold": t.threshold, "max_iter": t.max_iter}
-    return j
-
-
-def _read_decider(d: Path) -> tuple[Path, dict]:
-    """The decider's file and its tensors in fp32 (names without the `decider.` prefix)."""
-    path = d / "decider.safetensors"
-    if path.exists():
-        return path, _read_safetensors([path], "cpu", torch.float32)
-    path = d / "iter_decider.bin"  # the authors' torch.save dict: class, init_args, state_dict
-    if not path.exists():
-        raise FileNotFoundError(f"{d}: tah_config.json names a decider but there is no "
-                                "decider.safetensors or iter_decider.bin")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it ({type(e).__name__}"
-                         "): damaged, or more than tensors; re-save its state_dict as "
-                         "decider.safetensors with a tool you trust") from None
-    state = blob.get("state_dict") if type(blob) is dict else None
-    if type(state) is not dict or not all(type(k) is str and isinstance(v, torch.Tensor)
-                                          and v.is_floating_point() for k, v in state.items()):
-        raise ValueError(f"{path} is not a decider: a dict whose 'state_dict' maps names to "
-                         "floating-point tensors; download the checkpoint again")
-    # tah_config.json's threshold wins, as in the authors' loader
-    return path, {k: v.float() for k, v in state.items() if k != "threshold"}
-
-
-def _match(state: dict, expected: dict, where) -> None:
-    """Strict loading: `state` has the tensors of `expected`, no more, no fewer, each of its
-    shape and floating point. `where` names the file(s) they came from."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: the weights do not match config.json/tah_config.json: "
-                         f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-                         f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}; "
-                         "the files do not belong together: download or save them again")
-    for k, v in state.items():
-        if v.shape != expected[k].shape or not v.is_floating_point():
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(v.shape)} ({v.dtype}) but "
-                             f"the configs imply {tuple(expected[k].shape)} (floating point); "
-                             "the files do not belong together: download or save them again")
-
-
-def _assign(model: TaH, state: dict) -> TaH:
-    """Puts `state` (checked by `_match`) into a model built on the meta device, strictly. Ties
-    the head to the embeddings where the config says so (the one place that does)."""
-    if model.config.tie_word_embeddings:  # one matrix, whatever a tied checkpoint stores
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
 def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> TaH:
-    """Loads a Qwen3 or TaH checkpoint, exactly as it is on disk: a local directory or a hub id.
-    Reads config.json and model.safetensors (or its shards); with tah_config.json also lora/ and
-    the decider (decider.safetensors, or the authors' iter_decider.bin). Without tah_config.json
-    the model is plain Qwen3. dtype defaults to float32 on the CPU and bfloat16 elsewhere; the
-    decider stays float32. To train new TaH parts on top, see `add_parts`. A file that is
-    missing, damaged or at odds with the others is an error that names it."""
+    """Loads a Qwen3 or TaH checkpoint as it is on disk: a local directory or a hub id. Reads
+    config.json and model.safetensors (or its shards); with tah_config.json also lora/ and the
+    decider (decider.safetensors, or the authors' iter_decider.bin). dtype defaults to float32
+    on the CPU and bfloat16 elsewhere; the decider stays float32. Strict: a file that is missing,
+    damaged or at odds with the others (a tensor missing, unexpected or of another shape than
+    the configs say) is an error that names it. To add new TaH parts, see `add_parts`."""
     d = resolve(path_or_id)
-    config = Qwen3Config.from_dict(_read_json(d / "config.json"), d / "config.json")
-    tah = tah_config_from_json(_read_json(d / "tah_config.json"), config, d / "tah_config.json") \
-        if (d / "tah_config.json").exists() else TaHConfig(lora_r=0)
+    with reading(d / "config.json"):
+        config = Qwen3Config.from_dict(read_json(d / "config.json"))
+    tah_file, peft = d / "tah_config.json", d / "lora" / "adapter_config.json"
+    with reading(tah_file if tah_file.exists() else d / "config.json"):
+        tah = TaHConfig.from_json(read_json(tah_file), config) if tah_file.exists() else \
+            TaHConfig(lora_r=0)  # a plain Qwen3
+        with torch.device("meta"):
+            model = TaH(config, tah)  # torch checks the rest of the values as it builds
+    if tah.lora_r and peft.exists():  # PEFT's own record of the adapter must agree
+        with reading(peft):
+            j = read_json(peft)
+            if (j.get("r", tah.lora_r), j.get("lora_alpha", tah.lora_alpha)) != \
+                    (tah.lora_r, tah.lora_alpha):
+                raise ValueError(f"r, lora_alpha = {j.get('r')}, {j.get('lora_alpha')} disagree "
+                                 f"with tah_config.json's {tah.lora_r}, {tah.lora_alpha}")
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    with torch.device("meta"):
-        model = TaH(config, tah)
-    want = model.state_dict()  # each file must hold exactly its part of it
-    files = _backbone_files(d)
-    state = _read_safetensors(files, device, dtype)
-    if config.tie_word_embeddings:  # one matrix (see `_assign`); some tied files store the head
-        want.pop("lm_head.weight")
-        state.pop("lm_head.weight", None)
-    _match(state, {k: v for k, v in want.items() if ".lora_" not in k and "decider." not in k},
-           ", ".join(map(str, files)))
-    if tah.lora_r:
-        lora, peft = d / "lora" / "adapter_model.safetensors", d / "lora" / "adapter_config.json"
-        if not lora.exists():
-            raise FileNotFoundError(f"{d}: tah_config.json names a LoRA adapter but {lora} "
-                                    "is missing")
-        j = _read_json(peft) if peft.exists() else {}  # PEFT's record of the same adapter
-        theirs = j.get("r", tah.lora_r), j.get("lora_alpha", tah.lora_alpha)
-        if theirs != (tah.lora_r, tah.lora_alpha):
-            raise ValueError(f"{peft}: r, lora_alpha = {theirs} disagree with tah_config.json's "
-                             f"{tah.lora_r, tah.lora_alpha}; make the two files agree")
-        part = _read_safetensors([lora], device, dtype, prefix="base_model.model.")
-        _match(part, {k: v for k, v in want.items() if ".lora_" in k}, lora)
-        state |= part
-    if model.decider is not None:
-        path, part = _read_decider(d)
-        part = {"decider." + k: v.to(device) for k, v in part.items()}
-        _match(part, {k: v for k, v in want.items() if "decider." in k}, path)
-        state |= part
-    return _assign(model, state).eval()
+    tied = config.tie_word_embeddings  # then the head is the embedding matrix, stored or not
+    want = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
+    for part, files in _checkpoint_files(d, model).items():
+        state = {}
+        for f in files:
+            with reading(f):
+                state |= _tensors(f, device, torch.float32 if part == "decider" else dtype)
+        if tied:
+            state.pop("lm_head.weight", None)
+        with reading(", ".join(map(str, files))):
+            missing = sorted(k for k in want - set(state) if _owner(k) == part)
+            unexpected = sorted(k for k in state if k not in want or _owner(k) != part)
+            if missing or unexpected:
+                raise ValueError(f"the tensors do not match config.json/tah_config.json: missing "
+                                 f"{missing[:10]} unexpected {unexpected[:10]}")
+            model.load_state_dict(state, strict=False, assign=True)  # torch checks the shapes
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
 
 
 def add_parts(model: TaH, tah: TaHConfig) -> TaH:
@@ -879,70 +827,58 @@ def add_parts(model: TaH, tah: TaHConfig) -> TaH:
     p = model.lm_head.weight
     with torch.device("meta"):
         new = TaH(model.config, tah)
-    state = dict(model.state_dict())
-    for name, m in new.named_modules():  # materialise just the new parts, then initialise them
-        prefix = name + "."
-        if isinstance(m, LoRALinear) and m.lora_A is not None and \
-                prefix + "lora_A.weight" not in state:
-            for adapter in (m.lora_A, m.lora_B):
-                adapter.to_empty(device=p.device).to(p.dtype)
+    new.load_state_dict(model.state_dict(), strict=False, assign=True)  # what model has
+    for m in new.modules():  # what it lacks is still on the meta device
+        if isinstance(m, LoRALinear) and m.lora_A is not None and m.lora_A.weight.is_meta:
+            m.lora_A.to_empty(device=p.device).to(p.dtype)
+            m.lora_B.to_empty(device=p.device).to(p.dtype)
             m.reset_lora()
-        elif m is new.decider and not any(k.startswith(prefix) for k in state):
-            m.to_empty(device=p.device).float().reset_parameters()
-        else:
-            continue
-        state.update({prefix + k: v for k, v in m.state_dict().items() if not v.is_meta})
-    return _assign(new, state).train(model.training)
-
-
-def _write_safetensors(path: Path, tensors: dict) -> None:
-    """Written as ordinary bytes, so the file gets the usual modes (safetensors' own writer
-    makes owner-only files)."""
-    from safetensors.torch import save as to_bytes
-    path.write_bytes(to_bytes(tensors, metadata={"format": "pt"}))
+    if new.decider is not None and new.decider.logits_projection.weight.is_meta:
+        new.decider.to_empty(device=p.device).float().reset_parameters()
+    if model.config.tie_word_embeddings:
+        new.lm_head.weight = new.model.embed_tokens.weight
+    return new.train(model.training)
 
 
 def save(model: TaH, path: str | os.PathLike,
          tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Writes a checkpoint that `load` reads back exactly, as safetensors + JSON only:
     config.json and model.safetensors (a plain Hugging Face Qwen3), lora/ (PEFT's layout),
-    decider.safetensors and tah_config.json. Written to a temporary directory, then swapped in,
-    so an interruption never leaves a half-written checkpoint."""
+    decider.safetensors and tah_config.json (the authors' schema). Written to a temporary
+    directory, then swapped in, so an interruption never leaves a half-written checkpoint."""
     path = Path(path)  # every file and folder made as usual (umask modes), none fixed afterwards
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-    tmp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]
-    lora = {"base_model.model." + k: state.pop(k) for k in list(state) if ".lora_" in k}
-    decider = {k.removeprefix("decider."): state.pop(k)
-               for k in list(state) if k.startswith("decider.")}
-    _write_safetensors(tmp / "model.safetensors", state)
+    (tmp / "lora").mkdir(parents=True)
+    parts = {part: {} for part in FILES}
+    for k, v in model.state_dict().items():
+        if not (model.config.tie_word_embeddings and k == "lm_head.weight"):
+            part = _owner(k)  # the names as PEFT and the authors' decider files have them:
+            name = "base_model.model." + k if part == "lora" else k.removeprefix("decider.")
+            parts[part][name] = v.detach().contiguous().cpu()
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    config = model.config.to_dict() | {"torch_dtype": dtype}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    jsons = {"config.json": model.config.to_dict() | {"torch_dtype": dtype}}
     if model.tah != TaHConfig(lora_r=0):  # anything but a plain Qwen3
-        tah_json = tah_config_to_json(model.tah, model.config.hidden_size)
-        (tmp / "tah_config.json").write_text(json.dumps(tah_json, indent=2))
-    if lora:
-        (tmp / "lora").mkdir()
-        _write_safetensors(tmp / "lora" / "adapter_model.safetensors", lora)
-        (tmp / "lora" / "adapter_config.json").write_text(json.dumps({
+        jsons["tah_config.json"] = model.tah.to_json(model.config.hidden_size)
+    if model.tah.lora_r:
+        jsons["lora/adapter_config.json"] = {
             "peft_type": "LORA", "r": model.tah.lora_r, "lora_alpha": model.tah.lora_alpha,
             "lora_dropout": model.tah.lora_dropout, "bias": "none", "target_modules":
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-            indent=2))
-    if decider:
-        _write_safetensors(tmp / "decider.safetensors", decider)
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    for part, tensors in parts.items():  # as plain bytes: safetensors' writer makes 0600 files
+        if tensors:
+            (tmp / FILES[part]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    for name, j in jsons.items():
+        (tmp / name).write_text(json.dumps(j, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    if not model.tah.lora_r:
+        (tmp / "lora").rmdir()
     old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
@@ -956,12 +892,12 @@ class Tokenizer:
     Special tokens are looked up by their strings; a vocabulary without them has no chat format."""
 
     def __init__(self, directory: Path):
-        from tokenizers import Tokenizer as HFTokenizer
-        if not (directory / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{directory} has no tokenizer.json")
-        self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-        cfg_path = directory / "tokenizer_config.json"
-        cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+        with reading(directory / "tokenizer.json"):
+            self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        cfg_path, cfg = directory / "tokenizer_config.json", {}
+        if cfg_path.exists():
+            with reading(cfg_path):
+                cfg = read_json(cfg_path)
         eos = cfg.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         token_id = self.tok.token_to_id
@@ -1043,14 +979,13 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the activations
 def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: int, *,
              policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
-             trace: list | None = None, **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the
     position that predicted the token got. Prompts are left-padded, with `valid` marking real
     tokens. Prefill runs the full TaH forward (the decider acts on prompt tokens too); each
     decode step is pass 1, decider and, if chosen, pass 2, through a KV cache per depth.
     A row that emitted a stop id leaves the batch (it costs nothing more) and keeps yielding
-    that id with passes 0. With `trace` a list, every forward appends TaH.forward's trace as
-    (B, T, ...) CPU tensors: entry 0 the prompt, entry k the token fed back at step k."""
+    that id with passes 0."""
     ids = torch.as_tensor(input_ids, device=model.lm_head.weight.device)
     ids = ids[None] if ids.dim() == 1 else ids
     B, T = ids.shape
@@ -1061,15 +996,10 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.to(ids.device)
     cache = KVCache(model, B, T + max_new_tokens)
     pos = (valid.cumsum(1) - 1).clamp(min=0)  # (B, T)
-    pieces = []
     for s in range(0, T, PREFILL_CHUNK):  # through the cache, pieces compute one forward
         e = min(s + PREFILL_CHUNK, T)
         out = model(ids[:, s:e], policy, positions=pos[:, s:e], valid=valid[:, s:e],
-                    cache=cache, start=s, threshold=threshold, logits="last",
-                    trace=trace is not None)
-        pieces.append(out.trace)
-    if trace is not None:  # the prompt's pieces as one entry
-        trace.append({k: torch.cat([p[k] for p in pieces], 1).cpu() for k in pieces[0]})
+                    cache=cache, start=s, threshold=threshold, logits="last")
     live = torch.arange(B, device=ids.device)  # the rows still generating, as `out` has them
     pos = pos[:, -1:]  # (B, 1)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
@@ -1087,11 +1017,4 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
             cache.keep(going)
         pos = pos + 1
         out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step,
-                    threshold=threshold, logits="last", trace=trace is not None)
-        if trace is not None:  # (B, ...) CPU tensors: finished rows get passes 0, ids -1, NaN
-            entry = {}
-            for name, v in out.trace.items():
-                fill = 0 if name == "passes" else -1 if name.endswith("_ids") else float("nan")
-                entry[name] = torch.full((B, *v.shape[1:]), fill, dtype=v.dtype)
-                entry[name][live.cpu()] = v.cpu()
-            trace.append(entry)
+                    threshold=threshold, logits="last")

@@ -5,6 +5,7 @@ loader reads exactly the files a real checkpoint has. `policy="standard"` runs n
 that is plain Qwen3, and it must match `Qwen3ForCausalLM` in float32.
 """
 import json
+import shutil
 
 import huggingface_hub.constants
 import pytest
@@ -190,7 +191,7 @@ def test_load_reads_into_the_model_without_a_second_copy(tiny_dir, monkeypatch):
     tensor): no real-storage initialisation, no copy into a preallocated model."""
     read = set()  # storages of every tensor the loader got from safetensors
     unaligned = []  # whether each of them sits at an address that is not a multiple of 64
-    real_safe_open = safetensors.safe_open
+    real_safe_open = safetensors.safe_open  # tah.py holds its own reference
 
     class Recording:
         def __init__(self, *args, **kwargs):
@@ -219,7 +220,7 @@ def test_load_reads_into_the_model_without_a_second_copy(tiny_dir, monkeypatch):
         inits.append(any(not p.is_meta for p in self.parameters()))
         return real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    monkeypatch.setattr(tah, "safe_open", Recording)
     monkeypatch.setattr(tah.TaH, "init_weights", init_weights)
     model = tah.load(tiny_dir, dtype=torch.float32)
     assert inits == [False]  # initialised once, on meta (no memory), never on real storage
@@ -274,7 +275,7 @@ def _edit_weights(d, edit):
 
 @pytest.mark.parametrize("changes, match", [
     ({"model_type": "llama"}, "model_type.*llama.*qwen3"),
-    ({"hidden_size": -64}, "hidden_size must be a positive integer.*-64"),
+    ({"hidden_size": -64}, r"hidden_size is -64; it must be int in \[0, "),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "scaled RoPE"),
 ])
@@ -286,7 +287,7 @@ def test_bad_config_values(tiny_dir, changes, match):
 
 def test_config_that_is_not_json(tiny_dir):
     (tiny_dir / "config.json").write_text('{"model_type": "qwen3", hidden_size: 64')
-    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"config\.json: Expecting property name"):
         tah.load(tiny_dir)
 
 
@@ -304,7 +305,7 @@ def test_unexpected_weight(tiny_dir):
 
 def test_wrong_shape_names_the_tensor(tiny_dir):
     _edit_weights(tiny_dir, lambda s: s.update({"model.layers.0.self_attn.k_norm.weight": torch.ones(9)}))
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_norm.weight has shape \(9,\).*\(8,\)"):
+    with pytest.raises(ValueError, match=r"size mismatch for model.layers.0.self_attn.k_norm.weight: .*\[9\].*\[8\]"):
         tah.load(tiny_dir)
 
 
@@ -320,7 +321,7 @@ def test_missing_shard(tiny_hf, tmp_path):
     d = saved(tiny_hf, tmp_path / "sharded", max_shard_size="20KB")
     gone = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
     (d / gone).unlink()
-    with pytest.raises(FileNotFoundError, match=f"lists shards that are not in.*{gone}"):
+    with pytest.raises(FileNotFoundError, match=f"{gone} is missing"):
         tah.load(d)
 
 
@@ -421,3 +422,20 @@ def test_tokenizer_without_chat_tokens(tmp_path):
     assert not plain.has_chat and plain.stop_ids == []
     with pytest.raises(ValueError, match="no chat format"):
         plain.chat(SYSTEM_USER)
+
+
+@pytest.mark.parametrize("name, content, error, says", [
+    ("tokenizer.json", b"garbage", ValueError, "tokenizer.json: Exception: expected value at line 1"),
+    ("tokenizer.json", None, FileNotFoundError, "tokenizer.json is missing"),
+    ("tokenizer_config.json", b"\xff{", ValueError, "tokenizer_config.json: 'utf-8' codec"),
+    ("tokenizer_config.json", b"[1]", ValueError, "tokenizer_config.json: it does not hold a JSON"),
+])
+def test_a_bad_tokenizer_file_is_one_line_naming_it(tmp_path, name, content, error, says):
+    shutil.copytree(FIXTURE, tmp_path / "ckpt", copy_function=shutil.copyfile)
+    path = tmp_path / "ckpt" / name
+    path.unlink()
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error) as info:
+        tah.load_tokenizer(tmp_path / "ckpt")
+    assert str(tmp_path / "ckpt" / says) in str(info.value) and "\n" not in str(info.value)
