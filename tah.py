@@ -13,11 +13,9 @@ predict a second, latent pass through the same layers:
 
 Qwen3 facts used below: pre-norm RMSNorm, RMSNorm on every query/key head (q_norm/k_norm),
 rotary embeddings on split halves, grouped-query attention, SwiGLU MLP, optional tied embeddings.
-
-Sections, in reading order (one tutorial chapter each):
-  config | building blocks: RMSNorm, RoPE, LoRA, MLP | duo-causal attention and the KV cache |
-  decoder layer | decider | the TaH model | loading and saving | tokenizer and chat format |
-  generation
+Sections, in reading order (one tutorial chapter each): config | building blocks (RMSNorm, RoPE,
+LoRA, MLP) | duo-causal attention and the KV cache | decoder layer | decider | the TaH model |
+loading and saving | tokenizer and chat format | generation
 
 Dimensions: B batch, T tokens, T_d tokens at depth d, S key slots, N query heads, G key/value
 heads, K head_dim, H hidden size, V vocab, L layers, d depth (pass number, 1-based).
@@ -161,24 +159,24 @@ class TaHConfig:
             raise ValueError("it asks for a hidden-state or full-softmax input to pass 2, or a "
                              "normalised decider input; tah.py implements neither")
         lora, decider = j.get("adapter") == "lora", j.get("iter_decider") == "MLPIterDecider"
-        needed = ["adapter_kwargs.r", "adapter_kwargs.lora_alpha"] * lora + [
-            "iter_decider_kwargs.hidden_states_layer_nums", "iter_decider_kwargs.hidden_dims"] * decider
-        if [k for k in needed if flat.get(k) is None]:
-            raise ValueError(f"it lacks {[k for k in needed if flat.get(k) is None]}")
+        if lora and None in (flat.get("adapter_kwargs.r"), flat.get("adapter_kwargs.lora_alpha")):
+            raise ValueError("adapter_kwargs must give r and lora_alpha")
         V, L = config.vocab_size, config.num_hidden_layers
         t = _fill(cls, {ours: flat.get(theirs) for theirs, ours in SCHEMA.items()}, most=dict(
             input_topk=V, decider_topk=V, lora_dropout=1, decider_dropout=1, threshold=1))
         t.lora_r = t.lora_r if lora else 0
-        t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums") if decider else None
-        if decider and not all(type(i) is int and 0 <= i <= L for i in t.decider_layers):
+        t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums")  # (skipped)
+        if decider and not (type(t.decider_layers) is list and t.decider_layers and
+                            all(type(i) is int and 0 <= i <= L for i in t.decider_layers)):
             raise ValueError(f"hidden_states_layer_nums is {t.decider_layers!r}; it must list "
                              f"hidden-state indices in [0, {L}]")
+        t.decider_layers = t.decider_layers if decider else None
         return t
 
     def to_json(self, hidden_size: int) -> dict:
         """The authors' tah_config.json schema, which `from_json` reads back."""
         lora, decider = self.lora_r > 0, self.decider_layers is not None
-        j = {"max_iter": self.max_iter, "iter_attention_mode": "duo",
+        j = {"max_iter": self.max_iter, "iter_attention_mode": "duo", "input_updater_kwargs": {},
              "output_updater": "AdditiveLogitsUpdater", "adapter": "lora" if lora else None,
              "iter_decider": "MLPIterDecider" if decider else None}
         if lora:
@@ -188,8 +186,8 @@ class TaHConfig:
                                         "normalize_input": False}
         for theirs, ours in SCHEMA.items():
             group, _, key = theirs.rpartition(".")
-            if group in j or group == "input_updater_kwargs":
-                j.setdefault(group, {})[key] = getattr(self, ours)
+            if not group or group in j:  # the groups of the parts this model has
+                (j[group] if group else j)[key] = getattr(self, ours)
         return j
 
 
@@ -557,12 +555,9 @@ class TaH(nn.Module):
                               mode="sum")  # (n, H) for the n = prod(...) tokens
         return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
-    def head_topk(self, h: torch.Tensor, k: int, logits: torch.Tensor | None = None,
-                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k values and ids (B, T, k) of `logits` (B, T, V) if given, else of lm_head(h)
-        for hidden states h (B, T, H), made `chunk` rows at a time: no (B, T, V) tensor."""
-        if logits is not None:
-            return logits.topk(k, dim=-1)
+    def head_topk(self, h: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, ...]:
+        """Top-k values and ids (B, T, k) of lm_head(h) for hidden states h (B, T, H), made
+        `chunk` rows at a time: no (B, T, V) tensor."""
         B, T, H = h.shape
         tops = [self.lm_head(rows).topk(k, dim=-1)  # (chunk, V) logits, then only (chunk, k)
                 for rows in h.reshape(B * T, H).split(chunk)]
@@ -625,7 +620,7 @@ class TaH(nn.Module):
         final = self.lm_head(h) if full else self.lm_head(h[:, -1:])  # z1 (B, T or 1, V)
         need = [self.tah.decider_topk] * use_decider
         need += [self.tah.input_topk] * (not full and not (named and policy == "standard"))
-        top = self.head_topk(h, max(need), final if full else None) if need else None
+        top = (final.topk(max(need)) if full else self.head_topk(h, max(need))) if need else None
 
         # decide: the decider (or the policy) picks the hard tokens
         continue_logit = self.decider(kept, top[0]) if use_decider else None
@@ -661,23 +656,17 @@ class TaH(nn.Module):
                       hidden)
 
     def _decide(self, policy, depth, continue_logit, threshold, valid):
-        """Which tokens (B, T) get pass depth+1."""
+        """Which tokens (B, T) get pass depth+1: by the labels, nobody, everybody, or the decider
+        (in fp32 with a strict '>', as the authors' decider compares)."""
         if isinstance(policy, torch.Tensor):
             return (policy > depth) & valid
-        if policy == "standard":
-            return torch.zeros_like(valid)
-        if policy == "always":
-            return valid.clone()
-        t = self.tah.threshold if threshold is None else threshold
-        # compare in fp32 with a strict '>', as the authors' decider does
-        prob = torch.sigmoid(continue_logit.float())
-        return (prob > torch.tensor(t, dtype=torch.float32)) & valid
+        if policy != "decider":
+            return valid & (policy == "always")
+        t = torch.tensor(self.tah.threshold if threshold is None else threshold)
+        return (torch.sigmoid(continue_logit.float()) > t) & valid
 
 
 # ----------------------------------------------------------------------------- loading and saving
-
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # never code
-
 
 def resolve(path_or_id: str | os.PathLike) -> Path:
     """A local directory as it is, or a hub id ("Qwen/Qwen3-0.6B") downloaded to the local cache."""
@@ -690,7 +679,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
                                 "(a hub id looks like 'Qwen/Qwen3-0.6B')")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        files = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # no code
+        return Path(snapshot_download(name, allow_patterns=files))
     except Exception as e:
         raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: "
                       f"{e}). Offline? Where you have a network, `hf download {name} --local-dir "
@@ -710,6 +700,8 @@ def reading(path):
                                     "checkpoint is not whole; download or save it again") from None
         why = " ".join(str(e).split())  # the library's message, on one line
         why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}"
+        if isinstance(e, pickle.UnpicklingError):  # torch's own would invite weights_only=False
+            why = "torch.load(weights_only=True) refuses it: it holds more than tensors"
         raise ValueError(f"{path}: {why[:400]}; the file is damaged or does not belong with the "
                          "others: fix it, or download or save the checkpoint again") from None
 
@@ -753,12 +745,7 @@ def _checkpoint_files(d: Path, model: TaH) -> dict[str, list[Path]]:
 def _tensors(f: Path, device, dtype) -> dict[str, torch.Tensor]:
     """The tensors of file f under the model's names; floating-point ones cast to dtype."""
     if f.name == "iter_decider.bin":  # the authors' torch.save dict: class, init_args, state_dict
-        try:
-            state = torch.load(f, map_location=device, weights_only=True)["state_dict"]
-        except pickle.UnpicklingError:  # torch's message would suggest weights_only=False
-            raise ValueError("torch.load(weights_only=True) refuses it: it holds more than "
-                             "tensors. Re-save its state_dict as decider.safetensors with a tool "
-                             "you trust") from None
+        state = torch.load(f, map_location=device, weights_only=True)["state_dict"]
         state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
         return {"decider." + k: v.to(dtype) if v.is_floating_point() else v
                 for k, v in state.items()}
@@ -799,23 +786,18 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
                                  f"with tah_config.json's {tah.lora_r}, {tah.lora_alpha}")
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    tied = config.tie_word_embeddings  # then the head is the embedding matrix, stored or not
-    want = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
-    for part, files in _checkpoint_files(d, model).items():
-        state = {}
-        for f in files:
-            with reading(f):
-                state |= _tensors(f, device, torch.float32 if part == "decider" else dtype)
-        if tied:
-            state.pop("lm_head.weight", None)
-        with reading(", ".join(map(str, files))):
-            missing = sorted(k for k in want - set(state) if _owner(k) == part)
-            unexpected = sorted(k for k in state if k not in want or _owner(k) != part)
-            if missing or unexpected:
-                raise ValueError(f"the tensors do not match config.json/tah_config.json: missing "
-                                 f"{missing[:10]} unexpected {unexpected[:10]}")
-            model.load_state_dict(state, strict=False, assign=True)  # torch checks the shapes
-    if tied:
+    state, files = {}, _checkpoint_files(d, model)
+    for part, f in [(part, f) for part in files for f in files[part]]:
+        with reading(f):
+            tensors = _tensors(f, device, torch.float32 if part == "decider" else dtype)
+            if [k for k in tensors if _owner(k) != part]:  # a file may fill only its own part
+                raise ValueError(f"unexpected {[k for k in tensors if _owner(k) != part][:10]}")
+        state |= tensors
+    if config.tie_word_embeddings:  # one matrix, whether or not the file stores the head too
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    with reading(", ".join(str(f) for part in files.values() for f in part)):
+        model.load_state_dict(state, strict=True, assign=True)  # missing, unexpected, shapes
+    if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 
@@ -849,7 +831,7 @@ def save(model: TaH, path: str | os.PathLike,
     path = Path(path)  # every file and folder made as usual (umask modes), none fixed afterwards
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-    (tmp / "lora").mkdir(parents=True)
+    tmp.mkdir(parents=True)
     parts = {part: {} for part in FILES}
     for k, v in model.state_dict().items():
         if not (model.config.tie_word_embeddings and k == "lm_head.weight"):
@@ -867,6 +849,7 @@ def save(model: TaH, path: str | os.PathLike,
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     for part, tensors in parts.items():  # as plain bytes: safetensors' writer makes 0600 files
         if tensors:
+            (tmp / FILES[part]).parent.mkdir(exist_ok=True)
             (tmp / FILES[part]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     for name, j in jsons.items():
         (tmp / name).write_text(json.dumps(j, indent=2))
@@ -874,8 +857,6 @@ def save(model: TaH, path: str | os.PathLike,
                  "generation_config.json"):
         if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-    if not model.tah.lora_r:
-        (tmp / "lora").rmdir()
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
