@@ -722,23 +722,24 @@ def _owner(key: str) -> str:
     return "lora" if ".lora_" in key else "decider" if key.startswith("decider.") else "model"
 
 
-def _checkpoint_files(d: Path, model: TaH) -> dict[str, list[Path]]:
-    """The files of each part of the checkpoint in d that `model`, built from its configs, has."""
-    files = {"model": [d / FILES["model"]]}
+def _checkpoint_files(d: Path, model: TaH) -> list[tuple[str, Path]]:
+    """(part, file) for each file of the checkpoint in d that `model`, built from its configs,
+    reads."""
+    files = [("model", d / FILES["model"])]
     index = d / "model.safetensors.index.json"
     if index.exists():  # shards
         with reading(index):
-            files["model"] = [d / s for s in sorted(set(read_json(index)["weight_map"].values()))]
-            if any(f.parent != d for f in files["model"]):
+            files = [("model", d / s) for s in sorted(set(read_json(index)["weight_map"].values()))]
+            if any(f.parent != d for _, f in files):
                 raise ValueError(f"weight_map must name files in {d}")
-    elif not files["model"][0].exists() and [*d.glob("pytorch_model*.bin"), *d.glob("*.pt")]:
+    elif not files[0][1].exists() and [*d.glob("pytorch_model*.bin"), *d.glob("*.pt")]:
         raise ValueError(f"{d} has weights only as pickles (.bin/.pt); tah loads safetensors only. "
                          "Convert them to model.safetensors with a tool you trust.")
     if model.tah.lora_r:
-        files["lora"] = [d / FILES["lora"]]
+        files.append(("lora", d / FILES["lora"]))
     if model.decider is not None:  # ours, or else the authors' torch.save dict
         ours, theirs = d / FILES["decider"], d / "iter_decider.bin"
-        files["decider"] = [theirs if theirs.exists() and not ours.exists() else ours]
+        files.append(("decider", theirs if theirs.exists() and not ours.exists() else ours))
     return files
 
 
@@ -779,23 +780,22 @@ def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None =
             model = TaH(config, tah)  # torch checks the rest of the values as it builds
     if tah.lora_r and peft.exists():  # PEFT's own record of the adapter must agree
         with reading(peft):
-            j = read_json(peft)
-            if (j.get("r", tah.lora_r), j.get("lora_alpha", tah.lora_alpha)) != \
-                    (tah.lora_r, tah.lora_alpha):
+            j, ours = read_json(peft), (tah.lora_r, tah.lora_alpha)
+            if (j.get("r", ours[0]), j.get("lora_alpha", ours[1])) != ours:
                 raise ValueError(f"r, lora_alpha = {j.get('r')}, {j.get('lora_alpha')} disagree "
-                                 f"with tah_config.json's {tah.lora_r}, {tah.lora_alpha}")
+                                 f"with tah_config.json's {ours}")
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
     state, files = {}, _checkpoint_files(d, model)
-    for part, f in [(part, f) for part in files for f in files[part]]:
+    for part, f in files:
         with reading(f):
             tensors = _tensors(f, device, torch.float32 if part == "decider" else dtype)
             if [k for k in tensors if _owner(k) != part]:  # a file may fill only its own part
                 raise ValueError(f"unexpected {[k for k in tensors if _owner(k) != part][:10]}")
         state |= tensors
-    if config.tie_word_embeddings:  # one matrix, whether or not the file stores the head too
-        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-    with reading(", ".join(str(f) for part in files.values() for f in part)):
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # stored by the file or not
+    with reading(", ".join(str(f) for _, f in files)):
         model.load_state_dict(state, strict=True, assign=True)  # missing, unexpected, shapes
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
