@@ -344,8 +344,9 @@ def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_
         (["--threshold", "2"], "argument --threshold: 2 is not a number in [0, 1]"),
         (["--steps", "-3"], "-3 is not a whole number >= 0"), (["--clip", "nan"], "nan is not a number"),
         (["--warmup", "1"], "1 is not a number in [0, 1)"), (["--pos-weight", "inf"], "inf is not a"),
-        (["--lora", "0", "32", "0.1"], "argument --lora: 0 32 0.1 is not R >= 1"),
-        (["--lora", "16", "32", "1"], "is not R >= 1, ALPHA > 0, DROPOUT < 1"),
+        (["--lora-r", "0"], "argument --lora-r: 0 is not a whole number > 0"),
+        (["--lora-dropout", "1"], "argument --lora-dropout: 1 is not a number in [0, 1)"),
+        (["--batch", "x"], "argument --batch: invalid int value: 'x'"),
         (["--size", "3b"], "invalid choice: '3b'"), (["--bogus"], "unrecognized arguments: --bogus"),
         (["--device", "cuda:7"], "--device cuda:7: not on this machine"),
         (["--device", "tpu"], "--device tpu: not a device"),
@@ -359,7 +360,7 @@ def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_
         err = errors(TOY + argv + ["--out", str(out)] if "--out" not in argv else argv, capsys)
         assert says in err, (argv, err)
     assert "not a train.py run" in errors(TOY + ["--out", str(tmp_path / "other")], capsys)
-    assert "cannot create it" in errors(TOY + ["--out", str(tmp_path / "file" / "run")], capsys)
+    assert "cannot write there" in errors(TOY + ["--out", str(tmp_path / "file" / "run")], capsys)
     assert "not a train.py run" in errors(TOY + ["--out", str(tmp_path / "file")], capsys)
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # nothing touched
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "other").iterdir())) == 1
