@@ -652,6 +652,7 @@ def closing_words(run, res: dict, data: dict) -> None:
     run.log(f"Score it: python bench/eval.py --model {model} {flags}" +
             ("tests/fixtures/toy-eval.jsonl" if toy else "paper"))
 
+
 # ----------------------------------------------------------------------------- the recipe
 
 def main(argv: list[str] | None = None) -> dict:
@@ -712,7 +713,6 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
     def _get_help_string(self, action):  # the default after each help, unless None or False
         hide = action.default is None or action.default is False
         return action.help if hide else super()._get_help_string(action)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, add_help=False)
