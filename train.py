@@ -1,7 +1,6 @@
 """Train Think-at-Hard end to end: data, oracle labels, (pruning), stage 1, stage 2, evaluation.
 
     python train.py                         # toy: a 68k-parameter Qwen3, a look-up task, CPU
-    python train.py --seeds 0 1 2           # the toy once per seed: mean and range of every number
     python train.py --size 0.6b             # Qwen3-0.6B-Base on OpenR1-Math: one 24 GB GPU, hours
     python train.py --size 0.6b --baseline  # Standard: the same data and budget, no iteration
     python train.py --size 0.6b --baseline always   # AlwaysThink: every token iterates
@@ -14,13 +13,11 @@ is the final model, eval.json, train.log). Rerunning the command skips finished 
 an interrupted one, bitwise on a CPU; Ctrl-C saves and exits. The toy: a table maps 10 letters to
 each other; a query asks for table[x] (1-hop) or table[table[x]] (2-hop).
 
-Where --size 0.6b/1.7b differs from the authors' recipe (arXiv 2511.08577):
-- budget: 12,800 rows, 1 epoch (authors: all ~94k rows, 5 epochs; --samples 0 --epochs 5);
-- length: rows cut at 4096 tokens (0.6b), 8192 (1.7b); authors 8192 and 10000 (--max-len);
-- the 0.6b oracle's reference Qwen/Qwen3-0.6B is this project's choice (the authors name none);
-- precision: fp32 weights and AdamW state, bf16 autocast, gradient checkpointing;
-- the closing table is teacher-forced next-token accuracy on held-out rows, not the paper's
-  benchmarks (generate.py --eval runs those).
+Where --size 0.6b/1.7b differs from the authors' recipe (arXiv 2511.08577; the README lists it
+all): 12,800 rows for 1 epoch (theirs: ~94k rows, 5 epochs; --samples 0 --epochs 5); rows cut at
+4096 tokens for 0.6b, 8192 for 1.7b (theirs: 8192 and 10000; --max-len); fp32 weights and AdamW
+state under bf16 autocast. The closing table is teacher-forced next-token accuracy on held-out
+rows, not the paper's benchmarks: python bench/eval.py --model OUT/tah paper scores those.
 """
 from __future__ import annotations
 
@@ -43,8 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from safetensors.torch import save as safetensors_bytes  # noqa: E402
+from safetensors.torch import load_file, save as safetensors_bytes  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import tah  # noqa: E402
@@ -55,11 +51,8 @@ SIZES["1.7b"] = dict(
     model="Qwen/Qwen3-1.7B-Base",
     reference="Qwen/Qwen3-1.7B",  # the post-trained model of the same size, as the authors
     max_len=8192,  # authors: 10000 in stage 1
-    lora=[32, 64, 0.1],  # r, alpha, dropout
-    decider_layers=[2, 10, 18, 26],
-    decider_dims=[512] * 6,
-    pos_weight=5.4,
-)
+    lora_r=32, lora_alpha=64, pos_weight=5.4, decider_layers=[2, 10, 18, 26],
+    decider_dims=[512] * 6)
 SIZES["toy"] = dict(  # tuned for a CPU and minutes
     model=None,  # the toy trains its own Standard model first...
     reference=None,  # ...which is also the oracle's reference
@@ -67,59 +60,16 @@ SIZES["toy"] = dict(  # tuned for a CPU and minutes
     steps=600,  # stage 1's steps, and each baseline's
     decider_steps=300,  # stage 2's steps
     samples=0,  # all the rows made: batch x (pretrain_steps + steps)
-    batch=64,
-    micro_batch=64,
-    lr=3e-3,
-    decider_lr=1e-3,
-    clip=1.0,
     max_len=64,  # a toy row has 59 tokens
-    lora=[8, 16, 0.0],
-    input_topk=8,
-    decider_layers=[0, 1],
-    decider_dims=[64] * 2,
-    decider_topk=8,
     pos_weight=0.0,  # 0: negatives per positive in the rows stage 2 reads
-    threshold=0.5,
-    eval_samples=1000,
-    log_every=100,
     save_every=0,  # on Ctrl-C only
-)
+    batch=64, micro_batch=64, lr=3e-3, decider_lr=1e-3, clip=1.0, eval_samples=1000, log_every=100,
+    lora_r=8, lora_alpha=16, lora_dropout=0.0, input_topk=8, decider_topk=8, threshold=0.5,
+    decider_layers=[0, 1], decider_dims=[64] * 2)
 POLICIES = ["standard", "always", "oracle", "decider"]
 OPENR1_MAX_TOKENS = 8192  # the authors drop a problem whose chosen generation is this long
 PRUNE_ROWS, PRUNE_LEN = 16, 4096  # the authors' pruning calibration: 16 held-out rows, 4096 tokens
-
-# Stage-1 peak memory, measured by bench/rehearse.py at the true Qwen3-0.6B shape on a CPU (peak
-# resident memory of one step at 128-768 tokens, in fp32 and under bf16 autocast, gradients
-# already allocated) and fitted per phase of the step; the peak is the largest phase. Every phase
-# holds 16 bytes per parameter (fp32 weight, gradient, two AdamW moments) and, per token, each
-# checkpointed layer's input for every pass it gets plus pass 1's keys and values. On top, per
-# phase: (bytes per parameter, such as autocast's weight copies; (V, H)-sized gradient buffers of
-# the tied embedding; bytes x V per token for the logits and their gradients; bytes x V per
-# position of one cross-entropy chunk). Phases: forward, backward through the head, backward
-# through the layers. AdamW's update needs 20 bytes per parameter for a moment.
-MEMORY_PHASES = {
-    torch.float32: [(0.20, 0.0, 8.84, 5.09), (0.0, 3.98, 12.34, 2.99), (0.0, 24.18, 8.90, 0.30)],
-    torch.bfloat16: [(2.19, 0.0, 9.01, 8.19), (0.0, 9.22, 13.21, 6.64), (0.0, 21.55, 5.79, 0.0)],
-}
-KV_BYTES = {torch.float32: 8, torch.bfloat16: 6}  # k fp32 and v in the autocast dtype, per element
-HARD_SHARE = 0.15  # tokens that iterate, as in the paper's labels
-CE_CHUNK = 1024
-
-def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens: int,
-                      micro_batch: int, dtype: torch.dtype, share: float = HARD_SHARE) -> int:
-    """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens,
-    with a `share` of the tokens iterating (1 for AlwaysThink, 0 for Standard). The fit saw 15%;
-    another share scales the per-token terms, which pass 2 repeats for its tokens."""
-    with torch.device("meta"):
-        params = sum(p.numel() for p in tah.TaH(config, tah_config).parameters())
-    V, H, T = config.vocab_size, config.hidden_size, tokens * micro_batch
-    kv = KV_BYTES[dtype] * config.num_key_value_heads * config.head_dim
-    layers = config.num_hidden_layers * (4 * (1 + share) * H + kv)  # bytes per token
-    scale = (1 + share) / (1 + HARD_SHARE)  # the logits and their gradients, pass 2's included
-    phases = [params * (16 + extra) + vh * V * H + T * (layers + scale * per_v * V) +
-              min(T, CE_CHUNK) * chunk_v * V
-              for extra, vh, per_v, chunk_v in MEMORY_PHASES[dtype]]
-    return int(max(*phases, 20 * params))
+CE_CHUNK = 1024  # positions per fp32 cross-entropy chunk (chunked_ce)
 
 def fail(message) -> None:
     """A mistake the user can mend: one line `error: what was wrong; what to do`, exit code 2."""
@@ -161,12 +111,12 @@ def toy_data(n: int, n_held: int, seed: int) -> dict:
 
 def read_jsonl(path: str):
     """Yields (prompt messages, response) from lines {"question", "generation"} or {"messages"}."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is a bad line like any other
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                r = json.loads(line.decode("utf-8"))
                 msgs = r["messages"] if "messages" in r else [
                     dict(role="user", content=r["question"]),
                     dict(role="assistant", content=r["generation"])]
@@ -175,8 +125,8 @@ def read_jsonl(path: str):
                     raise ValueError("the last message must be the assistant's, contents strings")
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 raise ValueError(f"{path}:{n}: bad line ({type(e).__name__}: {e}); each line must "
-                                 "be an object with 'question' and 'generation' strings, or "
-                                 "'messages' ending with the assistant's") from None
+                                 "be UTF-8 JSON, an object with 'question' and 'generation' "
+                                 "strings, or 'messages' ending with the assistant's") from None
             yield msgs[:-1], msgs[-1]["content"]
 
 def choose_generation(problem: dict, n_tokens) -> str | None:
@@ -261,7 +211,7 @@ def prepare_data(run) -> dict:
                 data = chat_data(rows, tok, a.max_len, a.long_rows, run)
             except ValueError as e:
                 fail(e)
-        run.write(path.name, data)
+        run.write(path.name, safetensors_bytes(data))
     run.barrier()
     data = load_file(path)
     data["train"] = data["train"][:a.samples] if a.samples else data["train"]
@@ -320,7 +270,7 @@ def compute_labels(run, reference, data: dict, rows) -> torch.Tensor:
             if i // bs % 1000 == 999:
                 run.log(f"labels: {i + bs}/{len(rows)} rows, "
                         f"ETA {(len(rows) - i) * (time.time() - t0) / (i + bs) / 60:.1f} min")
-        run.write(path.name, dict(labels=labels))
+        run.write(path.name, safetensors_bytes(dict(labels=labels)))
         hard = int((labels == 2).sum())
         scored = sum(int((data["target"][a:e] > 0).sum()) for a, e in spans(data, rows))
         run.log(f"labels: {hard} of {scored} scored tokens are hard ({hard / scored:.1%})")
@@ -361,26 +311,48 @@ def decider_loss(model, b: dict, pos_weight: float):
 
 # ----------------------------------------------------------------------------- training
 
+VOLATILE = {"resume", "log_every", "save_every", "threads", "device", "baseline", "argv"}
+
 class Run:
-    """The settings, the device, the processes (under torchrun: rank 0 alone prepares data and
-    labels, logs and writes) and every write, whole or not at all."""
+    """The settings and --out, the device, the processes (under torchrun: rank 0 alone prepares
+    data and labels, logs and writes) and every write, whole or not at all."""
 
     def __init__(self, args):
         self.args, self.out, self.stop, self.steps_done = args, Path(args.out), False, 0
-        self.device = torch.device(args.device or tah.default_device())
-        toy = args.size == "toy"
-        self.tokenizer_dir = self.out / "tokenizer" if toy else tah.resolve(args.model)
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.prepare_out()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.tokenizer_dir = tah.resolve(args.model) if args.model else self.out / "tokenizer"
+        self.device = torch.device(args.device or tah.default_device())
         if "RANK" in os.environ and not dist.is_initialized():  # torchrun: a process per GPU
             cuda = self.device.type == "cuda"  # else gloo: processes on a CPU
             self.device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
             # a long timeout: the others wait while rank 0 makes the data
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12),
                                     device_id=self.device if cuda else None)
+        self.amp = partial(torch.autocast, self.device.type, torch.bfloat16,
+                           enabled=args.dtype == "bfloat16")  # run.amp(): a context
 
-    def amp(self):
-        bf16 = self.args.dtype == "bfloat16"
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
+    def prepare_out(self) -> None:
+        """--out made, or found holding a run of the same settings (the flags not in VOLATILE);
+        settings.json written."""
+        out, settings = self.out, self.out / "settings.json"
+        keep = {k: v for k, v in vars(self.args).items() if k not in VOLATILE}
+        if self.rank == 0 and out.exists() and (not out.is_dir() or any(out.iterdir()) and
+                                                not settings.exists()):
+            fail(f"--out {out} is not a train.py run; give a new or empty directory")
+        old = json.loads(settings.read_text()) if settings.exists() else keep
+        if self.args.resume and old != keep:
+            fail(f"{out} holds a run with other settings "
+                 f"({', '.join(k for k in keep if old.get(k) != keep[k])}); use another --out, "
+                 "the same flags, or --no-resume to start over")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.write("settings.json", json.dumps(keep, indent=1).encode())  # by rank 0
+        except OSError as e:
+            fail(f"--out {out}: cannot write there ({e.strerror}); give a directory you can "
+                 "write to")
 
     def barrier(self) -> None:
         if dist.is_initialized():
@@ -399,15 +371,14 @@ class Run:
                 f.write(msg + "\n")
 
     def write(self, name: str, obj) -> None:
-        """out/name: *.pt by torch.save, *.safetensors from tensors (as bytes: save_file makes
-        owner-only files), else text."""
+        """out/name, whole or not at all: *.pt by torch.save, else `obj` as bytes (tensors by
+        safetensors_bytes: save_file would make owner-only files)."""
         if self.rank == 0:
             tmp = self.out / f".{name}.tmp"
             if name.endswith(".pt"):
                 torch.save(obj, tmp)
             else:
-                tmp.write_bytes(safetensors_bytes(obj) if name.endswith("safetensors") else
-                                obj.encode())
+                tmp.write_bytes(obj)
             os.replace(tmp, self.out / name)
 
 def load_model(run, path, parts: tah.TaHConfig | None = None):
@@ -419,24 +390,10 @@ def load_model(run, path, parts: tah.TaHConfig | None = None):
     return model if parts is None else tah.add_parts(model, parts)
 
 def tah_parts(a, decider: bool) -> tah.TaHConfig:
-    return tah.TaHConfig(input_topk=a.input_topk, lora_r=int(a.lora[0]), lora_alpha=a.lora[1],
-                         lora_dropout=a.lora[2], decider_topk=a.decider_topk,
+    return tah.TaHConfig(input_topk=a.input_topk, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                         lora_dropout=a.lora_dropout, decider_topk=a.decider_topk,
                          decider_layers=a.decider_layers if decider else None,
                          decider_dims=a.decider_dims, threshold=a.threshold)
-
-def check_memory(run, name: str, model, data: dict, rows) -> None:
-    """On a GPU, before a stage that trains the backbone: stops if the estimate does not fit."""
-    if run.device.type == "cuda" and model.decider is None:
-        longest = int((data["offsets"][1:] - data["offsets"][:-1])[rows].max())
-        dtype = torch.bfloat16 if run.args.dtype == "bfloat16" else torch.float32
-        share = {"always": 1.0, "standard": 0.0}.get(name, HARD_SHARE)  # who iterates
-        need = peak_memory_bytes(model.config, model.tah, longest, run.args.micro_batch, dtype,
-                                 share)
-        have = torch.cuda.get_device_properties(run.device).total_memory
-        run.log(f"{name}: estimated peak memory {need / 2**30:.1f} of {have / 2**30:.1f} GiB")
-        if need > 0.97 * have and not run.args.skip_memory_check:
-            fail(f"{name} needs about {need / 2**30:.0f} GiB, the GPU has {have / 2**30:.0f}; lower"
-                 " --max-len or --micro-batch, or pass --skip-memory-check to try anyway")
 
 def train_step(run, model, opt, batches: list[dict], loss_fn, seed: int) -> tuple[float, float]:
     """One optimizer step over this process's micro-batches: gradients summed over them and the
@@ -474,7 +431,6 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
     torch.manual_seed(a.seed)  # the same initialisation (LoRA, decider) whether fresh or resumed
     model = make()
     model.grad_checkpointing = a.size != "toy" and model.decider is None  # not for a decider
-    check_memory(run, name, model, data, rows)
     # weight decay, as the authors' trainer: on every weight but biases and LayerNorms
     norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
              for p in m.parameters()}
@@ -486,7 +442,7 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
     start = 0
     if a.resume and state_path.exists():  # whole tensors by name: any number of processes
         s = torch.load(state_path, map_location=run.device, weights_only=True)
-        if set(s["params"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
+        if set(s["params"]) != {n for n, _ in trained}:
             fail(f"{state_path} does not belong to this stage; delete it to start the stage over")
         model.load_state_dict(s["params"], strict=False)  # the trained parameters, all of them
         opt.load_state_dict(s["optim"])
@@ -519,12 +475,14 @@ def train_stage(run, name: str, make, loss_fn, steps: int, lr: float, data: dict
                         f"{opt.param_groups[0]['lr']:.2e} {tokens / dt:.0f} tok/s ETA "
                         f"{(steps - step - 1) * dt / (step + 1 - start) / 60:.1f} min")
             if stop or (a.save_every and (step + 1) % a.save_every == 0):
-                params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-                run.write(state_path.name, dict(step=step + 1, params=params,
-                                                optim=opt.state_dict()))
+                run.write(state_path.name, dict(step=step + 1, optim=opt.state_dict(),
+                                                params={n: p.detach() for n, p in trained}))
             if stop:
                 run.log(f"{name}: interrupted after step {step + 1}, state saved: rerun to resume")
                 sys.exit(130)
+    except torch.OutOfMemoryError:  # the state saved last (every --save-every steps) resumes
+        fail(f"{name}: out of GPU memory in step {step + 1}; see the README's memory table, lower "
+             "--max-len or use --micro-batch 1, then rerun to resume from the last saved state")
     finally:
         signal.signal(signal.SIGINT, old)
     run.log(f"{name}: clipped (gradient norm over --clip {a.clip}) in {clipped} of "
@@ -552,9 +510,8 @@ def stage2(run, data: dict, labels, rows, steps: int):
     run.log(f"stage 2: decider BCE with pos_weight {pos_weight:.2f}")
 
     def decider_only():
-        model = load_model(run, run.out / "stage1", tah_parts(a, True))
-        for n, p in model.named_parameters():
-            p.requires_grad = n.startswith("decider.")
+        model = load_model(run, run.out / "stage1", tah_parts(a, True)).requires_grad_(False)
+        model.decider.requires_grad_(True)  # the only part that trains
         return model
     model = train_stage(run, "tah", make=decider_only, loss_fn=partial(decider_loss,
                         pos_weight=pos_weight), steps=steps, lr=a.decider_lr, data=data, rows=rows,
@@ -608,10 +565,10 @@ def prune(run, base, data: dict) -> Path:
         layer, loss, losses = prune_choice(model, batches, run.amp)
         run.log(f"prune: held-out loss {loss:.4f}; without layer " +
                 ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(losses)) + f"; removing {layer}")
-        model.model.layers = torch.nn.ModuleList(m for j, m in enumerate(model.model.layers)
-                                                 if j != layer)
+        del model.model.layers[layer]  # the ModuleList numbers the rest 0..L-2, as a checkpoint
         model.config.num_hidden_layers -= 1
-        run.write("prune.json", json.dumps(dict(removed=layer, loss=loss, loss_without=losses)))
+        run.write("prune.json", json.dumps(dict(removed=layer, loss=loss,
+                                                loss_without=losses)).encode())
         tah.save(model, path, tokenizer_dir=run.tokenizer_dir)
     run.barrier()  # the other processes read out/pruned
     return path
@@ -655,7 +612,7 @@ def report(run, models: dict, data: dict, labels) -> dict:
         for p in [p for p in policies if p not in res.get(name, {})]:
             run.log(f"evaluating {name} with policy {p} on {len(data['held'])} held-out rows")
             res.setdefault(name, {})[p] = evaluate(run, model.eval(), data, labels, p)
-            run.write("eval.json", json.dumps(res, indent=2))
+            run.write("eval.json", json.dumps(res, indent=2).encode())
     rows = [(name, p, r) for name, per in res.items() for p, r in per.items()]
     run.log(f"\nmodel          policy       loss    acc  iter%   all%" + ("  1-hop  2-hop" * toy))
     for name, p, r in rows:
@@ -690,24 +647,17 @@ def closing_words(run, res: dict, data: dict) -> None:
         ids = data["ids"][a:a + N_LETTERS + 1].tolist() + data["ids"][p - 2:p].tolist()
         prompt, flags = " ".join(TOY_VOCAB[t] for t in ids), "--greedy --max-new-tokens 1 "
         answer = f"   (the answer: {TOY_VOCAB[int(data['ids'][p])]})"
-    run.log(f"Try it: python generate.py --model {shlex.quote(str(run.out / 'tah'))} {flags}"
-            f"{shlex.quote(prompt)}{answer}")
-
-def summarize(results: list[dict]) -> dict:
-    """{model: {policy: {metric: [mean, min, max]}}} over runs with the same models and policies."""
-    return {m: {p: {k: [sum(r[m][p][k] for r in results) / len(results),
-                        min(r[m][p][k] for r in results), max(r[m][p][k] for r in results)]
-                    for k in metrics} for p, metrics in per.items()}
-            for m, per in results[0].items()}
+    model = shlex.quote(str(run.out / "tah"))
+    run.log(f"Try it: python generate.py --model {model} {flags}{shlex.quote(prompt)}{answer}")
+    run.log(f"Score it: python bench/eval.py --model {model} {flags}" +
+            ("tests/fixtures/toy-eval.jsonl" if toy else "paper"))
 
 
 # ----------------------------------------------------------------------------- the recipe
 
-def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> dict:
-    a = args or parse_args(argv)
-    if a.seeds:
-        return many_seeds(a)
-    run = Run(prepare_out(a))
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    run = Run(a)
     run.log(f"\n$ python train.py {' '.join(a.argv)}  (device {run.device}, processes {run.world})")
     data = prepare_data(run)
     if a.size == "toy":  # Standard first: the baseline, the oracle's reference, stage 1's start
@@ -741,106 +691,88 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
     closing_words(run, res, data=data)
     return res
 
-def many_seeds(a) -> dict:
-    """The run once per seed, each in OUT/seed-N (resumable); mean and range of every number."""
-    prepare_out(a)
-    results = [main(args=argparse.Namespace(**vars(a) | dict(seed=s, seeds=None,
-                                                             out=str(Path(a.out) / f"seed-{s}"))))
-               for s in a.seeds]
-    summary = summarize(results)
-    (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=1))
-    names = dict(acc="acc", iterating="iter", iterating_all="all", acc_easy="1-hop",
-                 acc_hard="2-hop")
-    print(f"\nseeds {' '.join(map(str, a.seeds))}: mean [min, max]\nmodel          policy   " +
-          "".join(f"{v:>23}" for v in names.values()))
-    for model, per in summary.items():
-        for policy, m in per.items():
-            print(f"{model:14} {policy:8}" + "".join(f"{m[k][0]:8.3f} [{m[k][1]:.3f}, "
-                                                     f"{m[k][2]:.3f}]" if k in m else " " * 23
-                                                     for k in names))
-    return summary
+def number(cast, test, need: str):
+    """A type= for argparse: the flag's text as `cast` (int or float), refused unless it is finite
+    and test(value) holds; argparse then stops with `argument --lr: -1 is not a number > 0`."""
+    def parse(text: str):
+        value = cast(text)
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {need}")
+        return value
+    parse.__name__ = cast.__name__  # what argparse names for text that is no number at all
+    return parse
+
+POS_INT = number(int, lambda v: v > 0, "a whole number > 0")
+COUNT = number(int, lambda v: v >= 0, "a whole number >= 0")
+POSITIVE = number(float, lambda v: v > 0, "a number > 0")
+NON_NEG = number(float, lambda v: v >= 0, "a number >= 0")
+PROB = number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+FRACTION = number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # the default after each help, unless None or False
         hide = action.default is None or action.default is False
         return action.help if hide else super()._get_help_string(action)
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--size", default="toy")
-    pre.error = fail
-    size = pre.parse_known_args(argv)[0].size
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, add_help=False)
     p.error = lambda msg: fail(f"{msg}; see python train.py --help")
     add = p.add_argument
-    add("--size", choices=list(SIZES), help="toy (CPU, minutes), 0.6b (a 24 GB GPU), 1.7b (more)")
+    add("--size", choices=list(SIZES), default="toy", help="toy (CPU), 0.6b (24 GB GPU), 1.7b")
+    size = p.parse_known_args(argv)[0].size  # a first look: its presets are the defaults below
+    add("-h", "--help", action="help", help="show this help message and exit")
     add("--model", default="Qwen/Qwen3-0.6B-Base", help="backbone to train: hub id or directory")
     add("--reference", default="Qwen/Qwen3-0.6B", help="frozen model whose greedy misses are hard")
     add("--data", help="JSONL of {question, generation} or {messages} lines (default OpenR1-Math)")
     add("--out", help="directory every stage writes to")
-    add("--max-len", type=int, default=4096, help="tokens a row may have (see --long-rows)")
+    add("--max-len", type=POS_INT, default=4096, help="tokens a row may have (see --long-rows)")
     add("--long-rows", choices=["truncate", "drop"], default="truncate", help="rows over --max-len")
     add("--easy-rows", choices=["drop", "keep"], default="drop", help="rows with no hard token")
-    add("--samples", type=int, default=12800, help="train on this many rows (0 = all ~94k)")
-    add("--epochs", type=float, default=1, help="stage-1 epochs over --samples (authors 5)")
-    add("--decider-epochs", type=float, default=2, help="stage-2 epochs")
-    add("--pretrain-steps", type=int, default=0, help="toy: steps of Standard, from scratch")
-    add("--steps", type=int, default=0, help="stage-1 and baseline steps (0: from --epochs)")
-    add("--decider-steps", type=int, default=0, help="stage-2 steps (0: from --decider-epochs)")
-    add("--batch", type=int, default=128, help="rows per optimizer step")
-    add("--micro-batch", type=int, default=1, help="rows per forward; a step accumulates the rest")
-    add("--lr", type=float, default=4e-5, help="peak learning rate of stage 1 and the baselines")
-    add("--decider-lr", type=float, default=3e-5, help="peak learning rate of stage 2")
-    add("--warmup", type=float, default=0.03, help="share of steps warming up, then cosine to 0.1")
-    add("--weight-decay", type=float, default=0.01, help="AdamW's, not on biases and LayerNorms")
-    add("--clip", type=float, default=0.2, help="gradient-norm clipping")
-    add("--lora", type=float, nargs=3, default=[16, 32, 0.1], metavar=("R", "ALPHA", "DROPOUT"),
-        help="the pass-2 LoRA")
-    add("--input-topk", type=int, default=100, help="top-k logits mixed into the soft token")
+    add("--samples", type=COUNT, default=12800, help="train on this many rows (0 = all ~94k)")
+    add("--epochs", type=POSITIVE, default=1, help="stage-1 epochs over --samples (authors 5)")
+    add("--decider-epochs", type=POSITIVE, default=2, help="stage-2 epochs")
+    add("--pretrain-steps", type=COUNT, default=0, help="toy: steps of Standard, from scratch")
+    add("--steps", type=COUNT, default=0, help="stage-1 and baseline steps (0: from --epochs)")
+    add("--decider-steps", type=COUNT, default=0, help="stage-2 steps (0: from --decider-epochs)")
+    add("--batch", type=POS_INT, default=128, help="rows per optimizer step")
+    add("--micro-batch", type=POS_INT, default=1, help="rows per forward; a step sums the rest")
+    add("--lr", type=POSITIVE, default=4e-5, help="peak learning rate of stage 1 and the baselines")
+    add("--decider-lr", type=POSITIVE, default=3e-5, help="peak learning rate of stage 2")
+    add("--warmup", type=FRACTION, default=0.03, help="warm-up share of steps, then cosine to 0.1")
+    add("--weight-decay", type=NON_NEG, default=0.01, help="AdamW's, not on biases and LayerNorms")
+    add("--clip", type=POSITIVE, default=0.2, help="gradient-norm clipping")
+    add("--lora-r", type=POS_INT, default=16, help="rank of the LoRA that pass 2 adds")
+    add("--lora-alpha", type=POSITIVE, default=32, help="its output is scaled by alpha / r")
+    add("--lora-dropout", type=FRACTION, default=0.1, help="dropout on its input, in training")
+    add("--input-topk", type=POS_INT, default=100, help="top-k logits mixed into the soft token")
     add("--decider-layers", type=int, nargs="+", default=[0, 7, 13, 20, 26], help="hidden states "
         "the decider reads (0 = embeddings, k = layer k's output, L = the final norm's)")
-    add("--decider-dims", type=int, nargs="+", default=[256] * 6, help="its blocks' widths")
-    add("--decider-topk", type=int, default=100, help="top-k logit values the decider reads")
-    add("--pos-weight", type=float, default=4.8, help="BCE weight of hard tokens (0: neg/pos)")
-    add("--threshold", type=float, default=0.9, help="decider threshold: evaluation, saved model")
+    add("--decider-dims", type=POS_INT, nargs="+", default=[256] * 6, help="its blocks' widths")
+    add("--decider-topk", type=POS_INT, default=100, help="top-k logit values the decider reads")
+    add("--pos-weight", type=NON_NEG, default=4.8, help="BCE weight of hard tokens (0: neg/pos)")
+    add("--threshold", type=PROB, default=0.9, help="decider threshold: evaluation, saved model")
     add("--prune", action="store_true", help='"TaH": first remove the layer that matters least')
     add("--baseline", nargs="?", const="standard", choices=["standard", "always"],
         help="train a baseline instead: Standard (no iteration) or AlwaysThink (every token)")
-    add("--eval-samples", type=int, default=200, help="held-out rows to evaluate on")
+    add("--eval-samples", type=POS_INT, default=200, help="held-out rows to evaluate on")
     add("--seed", type=int, default=0, help="seed of the initialisation, data order and toy data")
-    add("--seeds", type=int, nargs="+", help="one run per seed, in OUT/seed-N; mean and range")
     add("--device", help="cuda, mps or cpu (default: the first available)")
     add("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default: bfloat16 on a "
         "GPU for 0.6b/1.7b, else float32)")
-    add("--threads", type=int, default=0, help="CPU threads for PyTorch (0 = its default)")
-    add("--log-every", type=int, default=1, help="log progress every this many steps")
-    add("--save-every", type=int, default=10, help="steps between saved states (0: on Ctrl-C only)")
+    add("--threads", type=COUNT, default=0, help="CPU threads for PyTorch (0 = its default)")
+    add("--log-every", type=POS_INT, default=1, help="log progress every this many steps")
+    add("--save-every", type=COUNT, default=10, help="steps between saved states (0: Ctrl-C only)")
     add("--resume", action=argparse.BooleanOptionalAction, default=True,
         help="skip finished stages, resume an interrupted one (--no-resume: start over)")
-    add("--skip-memory-check", action="store_true", help="train even if the GPU looks too small")
-    p.set_defaults(size=size, out=f"runs/{size}", **SIZES.get(size, {}))
+    p.set_defaults(size=size, out=f"runs/{size}", **SIZES[size])
     a = p.parse_args(argv)
     a.argv = sys.argv[1:] if argv is None else list(argv)
     check_args(a)
     return a
 
-POSITIVE = ["lr", "decider_lr", "batch", "micro_batch", "max_len", "clip", "epochs",
-            "decider_epochs", "eval_samples", "input_topk", "decider_topk", "log_every"]
-NOT_NEGATIVE = ["samples", "pretrain_steps", "steps", "decider_steps", "weight_decay",
-                "pos_weight", "threads", "save_every"]
-
 def check_args(a) -> None:
-    """Every flag, the device and the models checked before anything loads or is written."""
-    for k in POSITIVE + NOT_NEGATIVE:
-        v = getattr(a, k)
-        if not (v > 0 if k in POSITIVE else v >= 0) or not math.isfinite(v):
-            fail(f"--{k.replace('_', '-')} {v}: must be {'> 0' if k in POSITIVE else '>= 0'}")
-    for flag, ok in [("threshold", 0 <= a.threshold <= 1), ("warmup", 0 <= a.warmup < 1),
-                     ("lora", a.lora[0] >= 1 and a.lora[1] > 0 and 0 <= a.lora[2] < 1),
-                     ("decider_dims", min(a.decider_dims) >= 1)]:
-        if not ok:
-            fail(f"--{flag.replace('_', '-')} {getattr(a, flag)}: out of range; see --help")
+    """What argparse cannot see: the device, the data file and the models, before anything loads
+    or is written."""
     try:
         device = torch.device(a.device or tah.default_device())
     except RuntimeError:
@@ -869,35 +801,6 @@ def check_args(a) -> None:
     if not all(0 <= i <= layers - a.prune for i in a.decider_layers):
         fail(f"--decider-layers {a.decider_layers}: indices must lie in 0..{layers - a.prune}")
     a.dtype = a.dtype or ("bfloat16" if a.size != "toy" and device.type == "cuda" else "float32")
-
-VOLATILE = {"resume", "log_every", "save_every", "threads", "device", "skip_memory_check",
-            "baseline", "seeds", "argv"}
-
-def prepare_out(a) -> argparse.Namespace:
-    """--out made, or found holding a run of the same settings; settings.json written."""
-    out, keep = Path(a.out), json.loads(json.dumps({k: v for k, v in vars(a).items()
-                                                    if k not in VOLATILE}))
-    settings, rank = out / "settings.json", int(os.environ.get("RANK", 0))
-    if rank == 0 and out.exists() and (not out.is_dir() or any(out.iterdir()) and
-                                       not settings.exists()):
-        fail(f"--out {out} is not a train.py run; give a new or empty directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--out {out}: cannot create it ({e.strerror}); give a directory you can write to")
-    if not os.access(out, os.W_OK):
-        fail(f"--out {out} is not writable; give a directory you can write to")
-    old = json.loads(settings.read_text()) if settings.exists() else keep
-    if a.resume and old != keep:
-        fail(f"{out} holds a run with other settings "
-             f"({', '.join(k for k in keep if old.get(k) != keep[k])}); use another --out, the "
-             "same flags, or --no-resume to start over")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if rank == 0:  # under torchrun the other processes only read it
-        (out / ".settings.json.tmp").write_text(json.dumps(keep, indent=1))
-        os.replace(out / ".settings.json.tmp", settings)  # whole or not at all
-    return a
 
 if __name__ == "__main__":
     try:

@@ -12,11 +12,14 @@
    (weights, gradients and AdamW moments, no activations).
 4. Fits peak = fixed + tokens x per_token, prints measured against predicted, and extrapolates
    (clearly labelled) to bf16 autocast on a GPU at 4096 and 8192 tokens for Qwen3-0.6B and -1.7B.
+5. Prints the README's memory table from the fit stored below (peak_memory_bytes), which these
+   runs made; `--table` prints it alone, in seconds.
 
     python bench/rehearse.py --tokenizer /path/to/qwen3-tokenizer        # all of it (2 idle cores: ~15 min)
     python bench/rehearse.py --tokenizer DIR --skip-pipeline              # the memory runs only
     python bench/rehearse.py --tokenizer DIR --skip-memory                # the pipeline only
     python bench/rehearse.py --tokenizer DIR --lengths 128 256 --bf16-lengths   # fewer runs, fp32 only
+    python bench/rehearse.py --table                                      # the stored fit's table
 
 The tokenizer folder holds Qwen3's tokenizer.json and tokenizer_config.json; nothing downloads.
 Memory is measured on this CPU, in fp32 and under CPU bf16 autocast; the GPU numbers are
@@ -35,14 +38,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import tah  # noqa: E402
+from train import CE_CHUNK as CHUNK, chunked_ce  # noqa: E402  (positions per fp32 CE chunk)
 
 GIB = 2**30
 # The two published shapes (config.json of Qwen/Qwen3-0.6B-Base and Qwen/Qwen3-1.7B-Base).
 SHAPES = {"0.6b": tah.Qwen3Config(),
           "1.7b": tah.Qwen3Config(hidden_size=2048, intermediate_size=6144)}
 STAGE1 = tah.TaHConfig(lora_r=16, lora_alpha=32, lora_dropout=0.1, input_topk=100)  # train.py's 0.6b stage 1
-HARD = 0.15  # share of the tokens the oracle sends to pass 2 in the memory runs
-CHUNK = 1024  # positions per cross-entropy chunk, as train.py's chunked_ce
+HARD = 0.15  # share of the tokens the oracle sends to pass 2 in the memory runs, as in the paper
 
 
 # ----------------------------------------------------------------------------- the rehearsal's inputs
@@ -130,14 +133,6 @@ def status_bytes(key: str) -> int:
 def reset_peak() -> None:
     """Makes VmHWM restart from the current resident size (Linux: clear_refs 5)."""
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def chunked_ce(logits: torch.Tensor, tgt: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """train.py's chunked_ce: summed CE, each chunk of positions upcast to fp32 and recomputed in backward."""
-    def ce(lg, y):
-        return F.cross_entropy(lg.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-    return sum(checkpoint(ce, logits[:, i:i + chunk], tgt[:, i:i + chunk], use_reentrant=False)
-               for i in range(0, logits.shape[1], chunk))
 
 
 PHASES = ["forward", "logits", "layers", "optimizer"]  # the parts of a step whose peaks measure() keeps apart
@@ -357,9 +352,59 @@ def memory(model_dir: Path, lengths: list[int], bf16_lengths: list[int], chunk_r
                   + f" {e['peak'] / GIB:6.1f} {math_attn / GIB:10.1f}")
 
 
+# ----------------------------------------------------------------------------- 5. the stored fit
+# The estimator's constants as calibrate() found them on the project's 2-core CPU (peak resident memory
+# of one step at 128-768 tokens, fp32 and bf16 autocast): the README's memory table comes from them.
+# Every phase holds 16 bytes per parameter (fp32 weight, gradient, two AdamW moments) and, per token,
+# each checkpointed layer's input for every pass it gets plus pass 1's keys and values. On top, per
+# phase: (bytes per parameter, such as autocast's weight copies; (V, H)-sized gradient buffers of the
+# tied embedding; bytes x V per token for the logits and their gradients; bytes x V per position of
+# one cross-entropy chunk). Phases: forward, backward through the head, backward through the layers.
+# AdamW's update needs 20 bytes per parameter for a moment.
+MEMORY_PHASES = {
+    torch.float32: [(0.20, 0.0, 8.84, 5.09), (0.0, 3.98, 12.34, 2.99), (0.0, 24.18, 8.90, 0.30)],
+    torch.bfloat16: [(2.19, 0.0, 9.01, 8.19), (0.0, 9.22, 13.21, 6.64), (0.0, 21.55, 5.79, 0.0)],
+}
+KV_BYTES = {torch.float32: 8, torch.bfloat16: 6}  # k fp32 and v in the autocast dtype, per element
+HARD_SHARE = HARD  # tokens that iterate in stage 1
+
+
+def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens: int,
+                      micro_batch: int, dtype: torch.dtype, share: float = HARD_SHARE) -> int:
+    """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens,
+    with a `share` of the tokens iterating (1 for AlwaysThink, 0 for Standard). The fit saw 15%;
+    another share scales the per-token terms, which pass 2 repeats for its tokens."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in tah.TaH(config, tah_config).parameters())
+    V, H, T = config.vocab_size, config.hidden_size, tokens * micro_batch
+    kv = KV_BYTES[dtype] * config.num_key_value_heads * config.head_dim
+    layers = config.num_hidden_layers * (4 * (1 + share) * H + kv)  # bytes per token
+    scale = (1 + share) / (1 + HARD_SHARE)  # the logits and their gradients, pass 2's included
+    phases = [params * (16 + extra) + vh * V * H + T * (layers + scale * per_v * V) +
+              min(T, CHUNK) * chunk_v * V
+              for extra, vh, per_v, chunk_v in MEMORY_PHASES[dtype]]
+    return int(max(*phases, 20 * params))
+
+
+def memory_table() -> None:
+    """The README's memory table: stage 1 on one GPU under bf16 autocast, micro-batch 1, from the
+    stored fit (an extrapolation from the CPU runs, not a GPU measurement)."""
+    print("stage 1 on one GPU, bf16 autocast, micro-batch 1, 15% of the tokens iterating: estimated "
+          "peak memory (GiB)\nmodel  16 bytes x params  4096 tokens  8192 tokens  (EXTRAPOLATED "
+          "from CPU runs: CUDA context and allocator slack come on top)")
+    for name, lora in (("0.6b", 16), ("1.7b", 32)):
+        config, parts = SHAPES[name], tah.TaHConfig(lora_r=lora, lora_alpha=2 * lora)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in tah.TaH(config, parts).parameters())
+        print(f"{name:6} {16 * params / GIB:8.1f} ({params / 1e9:.2f}B)" + "".join(
+            f"{peak_memory_bytes(config, parts, T, 1, torch.bfloat16) / GIB:13.1f}"
+            for T in (4096, 8192)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with Qwen3's tokenizer.json and tokenizer_config.json")
+    p.add_argument("--tokenizer", help="folder with Qwen3's tokenizer.json and tokenizer_config.json")
+    p.add_argument("--table", action="store_true", help="only print the memory table from the stored fit")
     p.add_argument("--work", help="folder for the model, rows and runs (default: a temporary one, removed)")
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512], help="tokens of the fp32 memory runs")
     p.add_argument("--bf16-lengths", type=int, nargs="*", default=[128, 512],
@@ -376,6 +421,10 @@ def main() -> None:
     if a.child:
         print(json.dumps(measure(a.child[0], int(a.child[1]), a.threads, int(a.child[2]), bool(int(a.child[3])))))
         return
+    if a.table:
+        return memory_table()
+    if not a.tokenizer:
+        p.error("--tokenizer DIR is needed (or --table for the stored fit's memory table alone)")
     print(f"bench/rehearse.py at {time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} CPUs, "
           f"{a.threads} thread(s) per process, torch {torch.__version__}", flush=True)
     t0 = time.time()
@@ -391,6 +440,8 @@ def main() -> None:
             t = time.time()
             memory(model, a.lengths, a.bf16_lengths or [], a.chunk_run, a.check_length, a.threads)
             times["memory runs"] = (time.time() - t, 0)
+    print("\n== 5. the stored fit (peak_memory_bytes) ==")
+    memory_table()
     print("\n== timings (a 2-core machine shared with other jobs: pessimistic) ==")
     for name, (dt, rc) in times.items():
         print(f"  {name:12} {dt:6.0f} s" + (f"  exit {rc}" if rc else ""))

@@ -1,6 +1,6 @@
 """train.py, CPU and offline: the toy pipeline, the 0.6b code path on local stand-ins, oracle labels,
-data selection, the stage-2 loss, pruning, bitwise resume, one-line errors, bad data and NaN handling,
-several seeds. Runs train.main() in-process with tiny step counts."""
+data selection, the stage-2 loss, pruning, bitwise resume, one-line errors, bad data, NaN and
+out-of-memory handling. Runs train.main() in-process with tiny step counts."""
 import contextlib
 import json
 import math
@@ -116,6 +116,8 @@ def test_toy_pipeline(toy):
     # the closing words: the fixed/broken table, the verdict and a generate.py command that names the model
     assert "fixed 1-hop broken 1-hop" in log and "TaH with its decider gets" in log
     assert f"python generate.py --model {out / 'tah'} --greedy --max-new-tokens 1 '" in log
+    assert f"Score it: python bench/eval.py --model {out / 'tah'} --greedy --max-new-tokens 1 " \
+        "tests/fixtures/toy-eval.jsonl" in log
     for name, policy in [("tah", "always"), ("tah", "decider"), ("always", "always")]:
         r = res[name][policy]
         assert f"{name:14} {policy:9}" + "".join(f"{r[k]:12d}" for k in ("fixed_easy", "broken_easy",
@@ -184,9 +186,10 @@ def test_ctrl_c_finishes_the_step_saves_and_exits(tmp_path, monkeypatch):
 def test_bad_data_lines_name_file_and_line(tmp_path):
     good = json.dumps({"question": "q", "generation": "<think>\nx\n</think>\n\ny"})
     for bad, why in [("{not json", "JSONDecodeError"), ('{"question": "q"}', "generation"),
-                     ('{"messages": [{"role": "user", "content": "q"}]}', "assistant")]:
+                     ('{"messages": [{"role": "user", "content": "q"}]}', "assistant"),
+                     (good.replace("y", "\udce9"), "UnicodeDecodeError")]:  # a Latin-1 byte, not UTF-8
         f = tmp_path / "bad.jsonl"
-        f.write_text(f"{good}\n\n{bad}\n")
+        f.write_bytes(f"{good}\n\n{bad}\n".encode("utf-8", "surrogateescape"))
         with pytest.raises(ValueError, match=f"bad.jsonl:3: .*{why}"):
             list(train.read_jsonl(str(f)))
 
@@ -315,26 +318,6 @@ def test_decider_loss_weighs_every_row_the_same():
     assert float(loss) / rows != pytest.approx((3 * row0 + row1) / 4, rel=1e-3)
 
 
-def test_summary_of_seeds_is_mean_and_range():
-    runs = [{"tah": {"decider": {"acc": a, "iterating": i}}} for a, i in [(0.5, 0.1), (0.8, 0.3), (0.9, 0.2)]]
-    s = train.summarize(runs)["tah"]["decider"]
-    assert s["acc"] == pytest.approx([2.2 / 3, 0.5, 0.9]) and s["iterating"] == pytest.approx([0.2, 0.1, 0.3])
-
-
-def test_seeds_run_each_seed_in_its_folder(tmp_path, capsys):
-    small = TOY[:]
-    small[small.index("--eval-samples") + 1] = "8"
-    summary = train.main(small + ["--out", str(tmp_path), "--seeds", "3", "4"])
-    res = [json.loads((tmp_path / f"seed-{s}" / "eval.json").read_text()) for s in (3, 4)]
-    assert res[0] != res[1] and summary == json.loads((tmp_path / "summary.json").read_text())
-    for k in ("acc", "acc_hard", "iterating_all"):
-        v = [r["tah"]["decider"][k] for r in res]
-        assert summary["tah"]["decider"][k] == pytest.approx([sum(v) / 2, min(v), max(v)])
-    printed, acc = capsys.readouterr().out, summary["tah"]["decider"]["acc"]
-    assert "seeds 3 4: mean [min, max]" in printed
-    assert f"\ntah            decider {acc[0]:8.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in printed
-
-
 def errors(argv, capsys) -> str:
     """train.main(argv) must stop with exit code 2 and one line on stderr starting with `error:`."""
     capsys.readouterr()
@@ -356,8 +339,14 @@ def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     for argv, says in [
-        (["--lr", "-1"], "--lr -1.0: must be > 0"), (["--batch", "0"], "--batch 0: must be > 0"),
-        (["--threshold", "2"], "--threshold 2.0: out of range"), (["--steps", "-3"], "must be >= 0"),
+        (["--lr", "-1"], "argument --lr: -1 is not a number > 0"),
+        (["--batch", "0"], "argument --batch: 0 is not a whole number > 0"),
+        (["--threshold", "2"], "argument --threshold: 2 is not a number in [0, 1]"),
+        (["--steps", "-3"], "-3 is not a whole number >= 0"), (["--clip", "nan"], "nan is not a number"),
+        (["--warmup", "1"], "1 is not a number in [0, 1)"), (["--pos-weight", "inf"], "inf is not a"),
+        (["--lora-r", "0"], "argument --lora-r: 0 is not a whole number > 0"),
+        (["--lora-dropout", "1"], "argument --lora-dropout: 1 is not a number in [0, 1)"),
+        (["--batch", "x"], "argument --batch: invalid int value: 'x'"),
         (["--size", "3b"], "invalid choice: '3b'"), (["--bogus"], "unrecognized arguments: --bogus"),
         (["--device", "cuda:7"], "--device cuda:7: not on this machine"),
         (["--device", "tpu"], "--device tpu: not a device"),
@@ -371,7 +360,7 @@ def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_
         err = errors(TOY + argv + ["--out", str(out)] if "--out" not in argv else argv, capsys)
         assert says in err, (argv, err)
     assert "not a train.py run" in errors(TOY + ["--out", str(tmp_path / "other")], capsys)
-    assert "cannot create it" in errors(TOY + ["--out", str(tmp_path / "file" / "run")], capsys)
+    assert "cannot write there" in errors(TOY + ["--out", str(tmp_path / "file" / "run")], capsys)
     assert "not a train.py run" in errors(TOY + ["--out", str(tmp_path / "file")], capsys)
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # nothing touched
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "other").iterdir())) == 1
@@ -385,36 +374,33 @@ def test_user_mistakes_get_one_line_and_leave_the_run_alone(toy, tiny_qwen, tmp_
 
 def test_bad_data_line_is_one_line_error(tiny_qwen, tmp_path, capsys):
     model = str(tiny_qwen / "qwen")
-    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
-    err = errors(["--size", "0.6b", "--model", model, "--reference", model, "--data", str(tmp_path / "bad.jsonl"),
-                  "--decider-layers", "0", "--device", "cpu", "--out", str(tmp_path / "run")], capsys)
-    assert "bad.jsonl:1: bad line (KeyError: 'generation')" in err
+    good = json.dumps({"question": "q", "generation": "<think>\nx\n</think>\n\ny"}).encode()
+    for name, text, says in [("bad.jsonl", b'{"question": "q"}\n', ":1: bad line (KeyError: 'generation')"),
+                             ("latin1.jsonl", good + b"\n" + good.replace(b"y", b"\xe9") + b"\n",
+                              ":2: bad line (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9")]:
+        (tmp_path / name).write_bytes(text)
+        err = errors(["--size", "0.6b", "--model", model, "--reference", model, "--data", str(tmp_path / name),
+                      "--decider-layers", "0", "--device", "cpu", "--out", str(tmp_path / "run" / name)], capsys)
+        assert f"{tmp_path / name}{says}" in err, err
 
 
-def test_peak_memory_estimate_matches_the_rehearsal():
-    """At the true Qwen3-0.6B shape with its published LoRA, the estimator reproduces the peak
-    resident memory that bench/rehearse.py measured for one fp32 stage-1 step on a CPU (GiB, at
-    128/256/512 tokens, and 768 tokens, which the fit did not see) within 3%; bf16 autocast
-    costs more per parameter (weight copies) and less per token, and AdamW's update is a floor."""
-    config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
-    for tokens, measured in [(128, 12.96), (256, 13.17), (512, 13.59), (768, 13.98)]:
-        gib = train.peak_memory_bytes(config, parts, tokens, 1, torch.float32) / 2**30
-        assert gib == pytest.approx(measured, rel=0.03), tokens
-    for tokens, measured in [(128, 12.50), (512, 12.90)]:  # the bf16 autocast runs
-        gib = train.peak_memory_bytes(config, parts, tokens, 1, torch.bfloat16) / 2**30
-        assert gib == pytest.approx(measured, rel=0.03), tokens
-    long = train.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16) / 2**30
-    assert 18 < long < 22  # the README's "~20 GiB at 4096 tokens" for 0.6b
-    small = tah.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                            num_attention_heads=1, num_key_value_heads=1, head_dim=8)
-    n = sum(p.numel() for p in tah.TaH(small, parts).parameters())
-    assert train.peak_memory_bytes(small, parts, 1, 1, torch.float32) == 20 * n
+def test_out_of_memory_ends_in_one_line_and_the_saved_state_resumes(tmp_path, monkeypatch, capsys):
+    calls, ce = [], train.chunked_ce
 
-
-def test_the_estimate_follows_who_iterates():
-    """AlwaysThink's second pass over every token costs more than stage 1's 15%; Standard less."""
-    config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
-    at = {share: train.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16, share)
-          for share in (0.0, train.HARD_SHARE, 1.0)}
-    assert at[0.0] < at[train.HARD_SHARE] < at[1.0]
-    assert at[train.HARD_SHARE] == train.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16)
+    def ce_then_oom(*a):
+        calls.append(1)
+        if len(calls) == 5:  # 2 micro-batches per step: step 3's first
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return ce(*a)
+    monkeypatch.setattr(train, "chunked_ce", ce_then_oom)
+    args = TOY + ["--out", str(tmp_path), "--save-every", "1"]
+    err = errors(args, capsys)
+    assert err.startswith("error: standard: out of GPU memory in step 3; see the README's memory table") and \
+        "--max-len" in err and "--micro-batch 1" in err and "resume from the last saved state" in err
+    assert int(torch.load(tmp_path / "standard.state.pt", weights_only=True)["step"]) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("TRAIN_STOP_AFTER", "1")
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 130 and "standard: resuming at step 2/6" in (tmp_path / "train.log").read_text()
+    assert int(torch.load(tmp_path / "standard.state.pt", weights_only=True)["step"]) == 3
