@@ -789,7 +789,8 @@ def check_args(a) -> None:
     for flag in ["model", "reference"][:0 if a.size == "toy" else 1 if a.baseline else 2]:
         try:
             d = tah.resolve(getattr(a, flag))
-            config = tah.Qwen3Config.from_dict(tah._read_json(d / "config.json"), d / "config.json")
+            with tah.reading(d / "config.json"):
+                config = tah.Qwen3Config.from_dict(tah.read_json(d / "config.json"))
             tok = tah.load_tokenizer(d) if flag == "model" else None
         except (OSError, ValueError) as e:
             fail(f"--{flag} {getattr(a, flag)}: not a Qwen3 checkpoint ({type(e).__name__}: {e}); "
