@@ -1,0 +1,144 @@
+"""bench/gpu_check.py --dry-run: the GPU check's code at tiny shapes on the CPU, so that it cannot
+rot before a GPU is at hand. One full dry run (one check forced to fail, one to run out of
+memory) and one short run whose check hangs past its time guard; each in a subprocess, as a user
+runs it. ~1 minute on an idle 2-core machine."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+import tah
+
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+PARTS = ["stage1", "attention", "decode", "pipeline"]
+FAILS, OOM = "stage1-0.6b-8192-always", "stage1-1.7b-4096-oracle"
+
+
+def dry_run(tmp, *flags: str, fault: str = "") -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs the dry run with GPU_CHECK_FAULT=fault; returns the process and its JSON report."""
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--json",
+           str(tmp / "report.json"), "--work", str(tmp / "work"), *flags]
+    p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=400,
+                       env=os.environ | {"GPU_CHECK_FAULT": fault, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, json.loads((tmp / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    return tmp, *dry_run(tmp, fault=f"{FAILS}=raise,{OOM}=oom")
+
+
+def test_every_check_has_rows_and_the_table_is_the_json(full):
+    _, p, report = full
+    assert [c["id"] for c in report["checks"]] == [c.id for c in gpu_check.CHECKS]
+    assert {c["part"] for c in report["checks"]} == set(PARTS)
+    assert report["dry_run"] and report["env"]["torch"] == torch.__version__
+    table = p.stdout.splitlines()
+    assert table[0].startswith("GPU check on CPU dry-run") and torch.__version__ in table[0]
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| part ")]
+    want = [f"| {c['part']} | {r['what']} | {r['result'].replace('|', chr(92) + '|')} | "
+            f"{c['seconds']:.0f} | `{c['command']}` |" for c in report["checks"] for r in c["rows"]]
+    assert rows == want  # the same rows, in the same order, nothing else
+    assert all(r["result"].startswith("CPU dry-run: ") for c in report["checks"] for r in c["rows"])
+    for c in report["checks"]:
+        assert c["command"] == f"python bench/gpu_check.py --parts {c['id']} --dry-run"
+
+
+def test_a_failing_check_is_a_row_and_the_others_complete(full):
+    _, _, report = full
+    status = {c["id"]: c for c in report["checks"]}
+    assert status[FAILS]["status"] == "failed" and "injected" in status[FAILS]["error"]
+    assert status[FAILS]["rows"][0]["result"].startswith("CPU dry-run: **FAILED**: exit 1")
+    assert status[OOM]["status"] == "out of memory"
+    assert "**OUT OF MEMORY**" in status[OOM]["rows"][0]["result"]
+    assert all(c["status"] == "ok" for i, c in status.items() if i not in (FAILS, OOM))
+
+
+def test_stage1_figures(full):
+    _, _, report = full
+    for c in [c for c in report["checks"] if c["part"] == "stage1" and c["status"] == "ok"]:
+        f = c["figures"]
+        tokens = int(c["id"].split("-")[2]) // 64  # the dry run's lengths
+        assert f["tokens"] == tokens and f["steps"] == 3
+        share = 1.0 if f["policy"] == "always" else round(0.15 * tokens) / tokens
+        assert f["iterating"] == pytest.approx(share)
+        assert f["tokens_per_second"] == pytest.approx(tokens / f["step_seconds"])
+        assert 0 < f["step_seconds"] < c["seconds"] and f["peak_resident"] > 2**20
+        assert f"{tokens} tokens, {share:.1%} iterating" in c["rows"][0]["result"]
+
+
+def test_attention_backends_agree_with_the_reference(full):
+    _, _, report = full
+    c = next(c for c in report["checks"] if c["id"] == "attention")
+    backends, rows = c["figures"]["backends"], {r["what"]: r["result"] for r in c["rows"]}
+    assert list(backends) == list(gpu_check.BACKENDS)
+    assert backends["math"]["accepted"]  # the math kernel takes any mask
+    accepted = [b for b, f in backends.items() if f["accepted"]]
+    assert c["figures"]["default"] and set(c["figures"]["default"]) <= set(accepted)
+    for b, f in backends.items():
+        row = rows[f"SDPA backend {b} alone"]
+        if f["accepted"]:
+            assert f["max_diff"] < 1e-5 and all(ms > 0 for ms in f["ms"])  # fp32 in the dry run
+            assert row.startswith("CPU dry-run: accepted: ")
+        else:
+            assert f["reason"] and row == f"CPU dry-run: refused: {f['reason']}"
+    assert "4 query / 2 kv heads of 16" in rows["SDPA kernel PyTorch picks for tah's call"]
+
+
+def test_decode_tokens_match_transformers(full):
+    _, _, report = full
+    for shape in ("0.6b", "1.7b"):
+        c = next(c for c in report["checks"] if c["id"] == f"decode-{shape}")
+        batches = c["figures"]["batches"]
+        assert list(batches) == ["1", "16"]
+        for B, f in batches.items():
+            assert f["identical"] and f["first_mismatch"] is None  # fp32: the same greedy tokens
+            assert f["tah_tokens_per_s"] > 0 and f["hf_tokens_per_s"] > 0
+        assert c["rows"][0]["result"].startswith("CPU dry-run: tokens identical (1 x 16)")
+        assert c["rows"][1]["result"].startswith("CPU dry-run: tokens identical (16 x 16)")
+        speed = c["figures"]["tah_decode_tokens_per_s"]
+        assert list(speed) == ["0.0", "0.1", "0.5"] and all(v > 0 for v in speed.values())
+
+
+def test_pipeline_wrote_a_tah_checkpoint(full):
+    tmp, _, report = full
+    c = next(c for c in report["checks"] if c["id"] == "pipeline")
+    f = c["figures"]
+    assert f["exit"] == 0 and f["checkpoint_written"] and 0 < f["seconds"] <= c["seconds"]
+    assert f["policies"] == ["standard", "always", "oracle", "decider"]
+    assert "checkpoint written: yes" in c["rows"][0]["result"]
+    model = tah.load(tmp / "work" / "pipeline-run" / "tah")  # what train.py wrote loads back
+    assert model.decider is not None and model.tah.lora_r == 16
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+
+
+def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
+    t = time.time()
+    p, report = dry_run(tmp_path, "--parts", "stage1-0.6b-4096-oracle", "attention",
+                        "--budget", "25", fault="attention=hang")
+    assert time.time() - t < 60  # the hung check did not hold the run
+    status = {c["id"]: c for c in report["checks"]}
+    assert list(status) == ["stage1-0.6b-4096-oracle", "attention"]
+    assert status["stage1-0.6b-4096-oracle"]["status"] == "ok"
+    hung = status["attention"]
+    assert hung["status"] == "time guard" and hung["seconds"] == pytest.approx(hung["guard_s"], abs=3)
+    assert "**TIME GUARD**: stopped by its time guard" in hung["rows"][0]["result"]
+    assert "stopped by its time guard" in p.stdout
+
+
+def test_flags_are_checked_where_they_are_parsed(tmp_path):
+    for flags, message in [(["--parts", "nothing"], "'nothing' names no check"),
+                           (["--budget", "0"], "give a number of seconds above 0"),
+                           (["--tokenizer", str(tmp_path)], "no tokenizer.json there")]:
+        p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *flags],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
