@@ -48,12 +48,12 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: tah.py, train.py
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+ROOT = Path(__file__).resolve().parents[1]  # the repository: tah.py, train.py, bench/
+sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -61,8 +61,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 
 import tah  # noqa: E402
 import train  # noqa: E402
-from rehearse import math_rows  # noqa: E402
-from tah_cost import policy as forced_passes  # noqa: E402
+from bench.rehearse import math_rows  # noqa: E402
+from bench.tah_cost import policy as forced_passes  # noqa: E402
 
 GIB = 2**30
 HARD = 0.15  # share of the tokens that iterate in stage 1, as in the paper's oracle labels
@@ -147,11 +147,10 @@ def gib(n: float | str | None) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def memory_words(peak: dict, base: int = 0) -> str:
+def memory_words(peak: dict) -> str:
     if "peak_resident" in peak:
         return f"peak resident memory {gib(peak['peak_resident'])}"
-    return (f"peak allocated {gib(peak['peak_allocated'] - base)}, "
-            f"reserved {gib(peak['peak_reserved'])}")
+    return f"peak allocated {gib(peak['peak_allocated'])}, reserved {gib(peak['peak_reserved'])}"
 
 
 def random_model(s: Setting, shape: str) -> Path:
@@ -211,7 +210,7 @@ def check_stage1(s: Setting, shape: str, tokens: int, policy: str) -> dict:
         stamps.append(time.perf_counter())
     hook = register_optimizer_step_post_hook(stamp)
     rows = torch.arange(s.steps)
-    base = s.memory_mark()  # before the model loads: the whole stage's peak
+    s.memory_mark()  # before the model loads: the whole stage's peak
     try:
         if policy == "always":
             train.baseline(run, "always", base=model_dir, data=data, rows=rows, steps=s.steps)
@@ -226,7 +225,7 @@ def check_stage1(s: Setting, shape: str, tokens: int, policy: str) -> dict:
     share = 1.0 if policy == "always" else float((labels == 2).float().mean())
     figures = dict(shape=shape, tokens=tokens, policy=policy, iterating=share, steps=s.steps,
                    step_seconds=step, tokens_per_second=tokens / step, **peak)
-    words = (f"{tokens} tokens, {share:.1%} iterating: {memory_words(peak, base)}; "
+    words = (f"{tokens} tokens, {share:.1%} iterating: {memory_words(peak)}; "
              f"{tokens / step:,.0f} tokens/s ({step:.2f} s a step, median of {len(stamps) - 1})")
     return dict(figures=figures, rows=[dict(result=words)])
 
@@ -331,7 +330,8 @@ def check_attention(s: Setting) -> dict:
                            for c, r in zip(calls, refs))
             except RuntimeError as e:  # "No available kernel": the warnings say why (an
                 # out-of-memory is a RuntimeError too, and says so)
-                why = list(dict.fromkeys(str(w.message).strip() for w in caught))
+                why = list(dict.fromkeys(re.sub(r"\s*\(Triggered internally at .*", "",
+                                                str(w.message), flags=re.S) for w in caught))
                 reason = " ".join(" ".join(why + [str(e).splitlines()[0]]).split())[:400]
                 figures["backends"][name] = dict(accepted=False, reason=reason)
                 rows.append(dict(what=f"SDPA backend {name} alone", result=f"refused: {reason}"))
@@ -476,8 +476,12 @@ def check_pipeline(s: Setting) -> dict:
 # ----------------------------------------------------------------------------- the checks
 
 def check_env(s: Setting) -> dict:
+    try:  # only the decode checks need it (a test dependency)
+        transformers = version("transformers")
+    except PackageNotFoundError:
+        transformers = "not installed"
     info = dict(torch=torch.__version__, cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(), transformers=version("transformers"))
+                cudnn=torch.backends.cudnn.version(), transformers=transformers)
     if not s.dry:
         if not torch.cuda.is_available():
             raise RuntimeError(f"no CUDA GPU visible to torch {torch.__version__} (CUDA build "
@@ -553,6 +557,7 @@ def run_child(a, check_id: str, guard: float) -> dict:
     t = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                             env=os.environ | {"PYTHONUNBUFFERED": "1"},  # a killed one's log
                              start_new_session=True)  # its own group: train.py's goes with it
         try:
             rc = p.wait(timeout=max(guard, 0.1))
@@ -565,9 +570,11 @@ def run_child(a, check_id: str, guard: float) -> dict:
     seconds = time.perf_counter() - t
     text = log.read_text(errors="replace")
     record = dict(id=check_id, seconds=round(seconds, 1), guard_s=round(guard, 1), error=None)
+    lines = [line for line in text.splitlines() if line.strip()]
     if rc is None:
         record |= dict(status="time guard", error=f"stopped by its time guard after "
-                       f"{seconds:.0f} s (its share of --budget {a.budget:g})")
+                       f"{seconds:.0f} s (its share of --budget {a.budget:g}); its last output: "
+                       f"{(lines or ['(none)'])[-1].strip()[:200]}")
     elif rc:
         oom = "out of memory" in text.lower() or "OutOfMemoryError" in text
         record |= dict(status="out of memory" if oom else "failed",
@@ -575,8 +582,7 @@ def run_child(a, check_id: str, guard: float) -> dict:
                        f"killed by signal {-rc}: {last_words(text)}")
     else:
         record |= dict(status="ok", **json.loads((a.work / f"{check_id}.json").read_text()))
-    if record["error"]:
-        record["log_tail"] = text.splitlines()[-30:]
+    record["log_tail"] = lines[-40:]
     return record
 
 
@@ -603,6 +609,7 @@ def table(report: dict) -> str:
 
 
 def parent(a) -> dict:
+    """Runs the chosen checks, most needed first, each under its time guard; the report."""
     t0 = time.perf_counter()
     write_inputs(a)
     env = run_child(a, "env", guard=min(120, a.budget))
@@ -626,15 +633,22 @@ def parent(a) -> dict:
         print(f"    {r['status']} in {r['seconds']:.0f} s" +
               (f": {r['error']}" if r["error"] else ""), file=sys.stderr, flush=True)
         records[c.id] = r
+        report = make_report(a, env, records, time.perf_counter() - t0)
+        a.json.write_text(json.dumps(report, indent=1))  # after every check: a run cut short
+    return report  # by an outer timeout keeps what it finished
+
+
+def make_report(a, env: dict, records: dict, wall: float) -> dict:
+    """The records in the table's order, each with its part, its command and its rows."""
     checks = []
-    for c in [c for c in CHECKS if c.id in records]:  # the table's order
+    for c in [c for c in CHECKS if c.id in records]:
         r = records[c.id] | dict(part=c.id.split("-")[0], command=command(a, c.id))
         rows = r.get("rows") or [dict(result=f"**{r['status'].upper()}**: {r['error']}")]
         mark = "CPU dry-run: " if a.dry_run else ""
         r["rows"] = [dict(what=x.get("what", c.what), result=mark + x["result"]) for x in rows]
         checks.append(r)
     return dict(dry_run=a.dry_run, env=env["figures"], date=time.strftime("%Y-%m-%d %H:%M"),
-                budget_s=a.budget, wall_s=round(time.perf_counter() - t0, 1), checks=checks)
+                budget_s=a.budget, wall_s=round(wall, 1), checks=checks)
 
 
 def write_inputs(a) -> None:
@@ -682,12 +696,8 @@ def tokenizer_dir(text: str) -> str:
     return text
 
 
-class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.Help)
     p.add_argument("--dry-run", action="store_true",
                    help="the same checks at tiny shapes, fp32, on the CPU (figures not a GPU's)")
     p.add_argument("--parts", nargs="+", type=part, default=["stage1", "attention", "decode",
@@ -713,12 +723,15 @@ def main() -> None:
     a = parse_args()
     if a.child:
         return child(a)
+    try:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --json {a.json}: cannot make its folder ({e.strerror}); give a path "
+                 "you can write to")
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         a.work = Path(a.work or tmp).resolve()
         a.work.mkdir(parents=True, exist_ok=True)
         report = parent(a)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(report, indent=1))
     print(table(report))
     print(f"\n(the same as JSON: {a.json})", file=sys.stderr)
 

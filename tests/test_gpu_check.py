@@ -13,9 +13,7 @@ import torch
 from conftest import ROOT
 
 import tah
-
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
+from bench import gpu_check
 
 PARTS = ["stage1", "attention", "decode", "pipeline"]
 FAILS, OOM = "stage1-0.6b-8192-always", "stage1-1.7b-4096-oracle"
@@ -135,10 +133,12 @@ def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
     assert "stopped by its time guard" in p.stdout
 
 
-def test_flags_are_checked_where_they_are_parsed(tmp_path):
+def test_flags_are_checked_where_they_are_parsed(tmp_path, capsys):
     for flags, message in [(["--parts", "nothing"], "'nothing' names no check"),
                            (["--budget", "0"], "give a number of seconds above 0"),
                            (["--tokenizer", str(tmp_path)], "no tokenizer.json there")]:
-        p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *flags],
-                           capture_output=True, text=True, timeout=60)
-        assert p.returncode == 2 and message in p.stderr, p.stderr
+        with pytest.raises(SystemExit) as e:
+            gpu_check.parse_args(flags)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    a = gpu_check.parse_args(["--parts", "decode", "stage1-0.6b", "--dry-run"])
+    assert a.parts == ["decode", "stage1-0.6b"] and str(a.json) == "runs/gpu_check-dry-run.json"
