@@ -85,7 +85,8 @@ def test_attention_backends_agree_with_the_reference(full):
     for b, f in backends.items():
         row = rows[f"SDPA backend {b} alone"]
         if f["accepted"]:
-            assert f["max_diff"] < 1e-5 and all(ms > 0 for ms in f["ms"])  # fp32 in the dry run
+            assert f["max_diff"] < 1e-5 and f["agrees"]  # fp32 in the dry run
+            assert all(ms > 0 for ms in f["ms"])
             assert row.startswith("CPU dry-run: accepted: ")
         else:
             assert f["reason"] and row == f"CPU dry-run: refused: {f['reason']}"
@@ -142,3 +143,19 @@ def test_flags_are_checked_where_they_are_parsed(tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
     a = gpu_check.parse_args(["--parts", "decode", "stage1-0.6b", "--dry-run"])
     assert a.parts == ["decode", "stage1-0.6b"] and str(a.json) == "runs/gpu_check-dry-run.json"
+
+
+def test_the_gpu_setting_builds_the_published_shapes(full):
+    """What only a GPU run builds: Qwen3-0.6B and -1.7B (parameters as their model cards give
+    them: 0.6B with 0.44B outside the embedding, 1.7B with 1.4B), bf16 on CUDA."""
+    tmp, _, _ = full
+    s = gpu_check.Setting(False, tmp / "work", tmp / "work" / "tokenizer")
+    assert s.device.type == "cuda" and s.dtype == torch.bfloat16 and s.shrink == 1
+    for shape, total, body in [("0.6b", 0.596e9, 0.440e9), ("1.7b", 1.72e9, 1.41e9)]:
+        c = s.config(shape)
+        assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                c.vocab_size, c.tie_word_embeddings) == (28, 16, 8, 128, 151936, True)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in tah.TaH(c).parameters())
+        assert n == pytest.approx(total, rel=3e-3)  # to the digits given
+        assert n - c.vocab_size * c.hidden_size == pytest.approx(body, rel=3e-3)
