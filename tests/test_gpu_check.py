@@ -1,7 +1,7 @@
 """bench/gpu_check.py --dry-run: the GPU check's code at tiny shapes on the CPU, so that it cannot
 rot before a GPU is at hand. One full dry run (one check forced to fail, one to run out of
 memory) and one short run whose check hangs past its time guard; each in a subprocess, as a user
-runs it. ~1 minute on an idle 2-core machine."""
+runs it. About 1.5 minutes on the project's 2-core machine."""
 import json
 import os
 import subprocess
@@ -71,7 +71,10 @@ def test_stage1_figures(full):
         assert f["iterating"] == pytest.approx(share)
         assert f["tokens_per_second"] == pytest.approx(tokens / f["step_seconds"])
         assert 0 < f["step_seconds"] < c["seconds"] and f["peak_resident"] > 2**20
-        assert f"{tokens} tokens, {share:.1%} iterating" in c["rows"][0]["result"]
+        row = c["rows"][0]["result"]  # the table says what the JSON holds
+        assert f"{tokens} tokens, {share:.1%} iterating" in row
+        assert f"{f['tokens_per_second']:,.0f} tokens/s ({f['step_seconds']:.2f} s a step" in row
+        assert f"peak resident memory {gpu_check.gib(f['peak_resident'])}" in row
 
 
 def test_attention_backends_agree_with_the_reference(full):
@@ -108,6 +111,15 @@ def test_decode_tokens_match_transformers(full):
         assert list(speed) == ["0.0", "0.1", "0.5"] and all(v > 0 for v in speed.values())
 
 
+def test_agreement_names_the_first_mismatch():
+    ours = torch.arange(12).view(3, 4)
+    theirs = ours.clone()
+    theirs[1, 3], theirs[2, 1] = -1, -1  # row 2 parts first, at its 2nd new token
+    assert gpu_check.agreement(ours, theirs) == (
+        "first mismatch at new token 2 of 4 (row 2); 1 of 3 rows identical", 2)
+    assert gpu_check.agreement(ours, ours.clone()) == ("tokens identical (3 x 4)", None)
+
+
 def test_pipeline_wrote_a_tah_checkpoint(full):
     tmp, _, report = full
     c = next(c for c in report["checks"] if c["id"] == "pipeline")
@@ -129,7 +141,8 @@ def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
     assert list(status) == ["stage1-0.6b-4096-oracle", "attention"]
     assert status["stage1-0.6b-4096-oracle"]["status"] == "ok"
     hung = status["attention"]
-    assert hung["status"] == "time guard" and hung["seconds"] == pytest.approx(hung["guard_s"], abs=3)
+    assert hung["status"] == "time guard"
+    assert hung["seconds"] == pytest.approx(hung["guard_s"], abs=3)  # killed at its guard
     assert "**TIME GUARD**: stopped by its time guard" in hung["rows"][0]["result"]
     assert "stopped by its time guard" in p.stdout
 
