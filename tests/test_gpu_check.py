@@ -1,7 +1,7 @@
 """bench/gpu_check.py --dry-run: the GPU check's code at tiny shapes on the CPU, so that it cannot
 rot before a GPU is at hand. One full dry run (one check forced to fail, one to run out of
 memory) and one short run whose check hangs past its time guard; each in a subprocess, as a user
-runs it. About 1.5 minutes on the project's 2-core machine."""
+runs it. About 1.5 minutes on the project's 2-core machine when it is quiet."""
 import json
 import os
 import subprocess
@@ -134,14 +134,10 @@ def test_pipeline_wrote_a_tah_checkpoint(full):
 
 def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
     t = time.time()
-    p, report = dry_run(tmp_path, "--parts", "stage1-0.6b-4096-oracle", "attention",
-                        "--budget", "25", fault="attention=hang")
-    assert time.time() - t < 60  # the hung check did not hold the run
-    status = {c["id"]: c for c in report["checks"]}
-    assert list(status) == ["stage1-0.6b-4096-oracle", "attention"]
-    assert status["stage1-0.6b-4096-oracle"]["status"] == "ok"
-    hung = status["attention"]
-    assert hung["status"] == "time guard"
+    p, report = dry_run(tmp_path, "--parts", "attention", "--budget", "15", fault="attention=hang")
+    assert time.time() - t < 40  # the hung check did not hold the run
+    [hung] = report["checks"]
+    assert hung["id"] == "attention" and hung["status"] == "time guard"
     assert hung["seconds"] == pytest.approx(hung["guard_s"], abs=3)  # killed at its guard
     assert "**TIME GUARD**: stopped by its time guard" in hung["rows"][0]["result"]
     assert "stopped by its time guard" in p.stdout
