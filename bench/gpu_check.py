@@ -203,7 +203,7 @@ def check_stage1(s: Setting, shape: str, tokens: int, policy: str) -> dict:
             "--save-every", "0", "--no-resume", "--device", s.device.type,
             "--dtype", str(s.dtype).removeprefix("torch.")]
     argv += ["--decider-layers", "0", "1", "--threads", "1"] if s.dry else []
-    run = train.Run(train.prepare_out(train.parse_args(argv)))
+    run = train.Run(train.parse_args(argv))  # makes --out and writes its settings.json
     stamps = []  # the time at the end of every optimizer step: the steps' times are the gaps
 
     def stamp(*_) -> None:
