@@ -3,6 +3,9 @@
 Conventions (also stated at the top of tutorial/README.md):
 - every ```python block of a chapter runs, in order, in one fresh namespace per chapter, with the
   repository root on sys.path and as the working directory;
+- every ```python block pastes into the plain Python prompt of 3.10-3.12, which reads it line by
+  line (an indented block ends at its first empty line; a top-level line right after an indented
+  block, with no empty line between, is a SyntaxError);
 - an ```output block right after a ```python block is what that block prints, checked exactly,
   and a python block that prints must have one;
 - every chapter ends with `## Exercises` whose answers are python blocks, so they run too;
@@ -15,6 +18,7 @@ Conventions (also stated at the top of tutorial/README.md):
 from __future__ import annotations
 
 import ast
+import codeop
 import contextlib
 import dataclasses
 import functools
@@ -140,6 +144,47 @@ def test_snippets_run(chapter, monkeypatch):
             assert got == want, f"{chapter.name}, output block {n + 1}: printed\n{got}\nbut the text says\n{want}"
             printed = None
     assert ran, f"{chapter.name} has no python snippet"
+
+
+def paste_errors(code: str) -> list[str]:
+    """What the plain Python prompt (3.10-3.12, the `code` module's loop) reports when `code` is
+    pasted into it: each line goes into a buffer, which is compiled as one interactive statement;
+    a complete statement empties the buffer (it would run), an error is reported and empties it.
+    The empty line after the block is the Enter a reader presses after pasting."""
+    compiler, buffer, errors = codeop.CommandCompiler(), [], []
+    for number, line in enumerate([*code.splitlines(), ""], 1):
+        buffer.append(line)
+        try:
+            complete = compiler("\n".join(buffer), "<stdin>", "single")
+        except (SyntaxError, ValueError, OverflowError) as e:
+            errors.append(f"line {number}: {type(e).__name__}: {getattr(e, 'msg', e)}")
+            buffer = []
+            continue
+        if complete is not None:
+            buffer = []
+    if buffer:
+        errors.append("the input is still incomplete after an empty line")
+    return errors
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
+def test_snippets_paste_into_the_plain_prompt(chapter):
+    """Pasted line by line, as the Python 3.10-3.12 prompt reads, no block is a SyntaxError."""
+    blocks = fenced_blocks(chapter.read_text(encoding="utf-8"))
+    bad = [f"python block {n + 1}: {errors}" for n, (lang, code) in enumerate(blocks)
+           if lang == "python" and (errors := paste_errors(code))]
+    assert not bad, f"{chapter.name}: blocks that the plain prompt refuses (put an empty line " \
+        "after each indented block, none inside one):\n" + "\n".join(bad)
+
+
+def test_paste_check_catches_what_the_plain_prompt_refuses():
+    ok = "for i in range(2):\n    x = i\n\ny = (1,\n\n     2)\nprint(x, y)\n"
+    assert paste_errors(ok) == []
+    assert paste_errors("for i in range(2):\n    x = i\ny = 1\n") == \
+        ["line 3: SyntaxError: invalid syntax"]  # a top-level line right after the block
+    assert paste_errors("def f():\n    a = 1\n\n    return a\n") == \
+        ["line 4: IndentationError: unexpected indent"]  # the empty line ended the body
+    assert paste_errors("x = [1,\n") == ["the input is still incomplete after an empty line"]
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.stem)
