@@ -165,7 +165,7 @@ class TaHConfig:
         t = _fill(cls, {ours: flat.get(theirs) for theirs, ours in SCHEMA.items()}, most=dict(
             input_topk=V, decider_topk=V, lora_dropout=1, decider_dropout=1, threshold=1))
         t.lora_r = t.lora_r if lora else 0
-        t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums")  # (skipped)
+        t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums")  # _fill skips
         if decider and not (type(t.decider_layers) is list and t.decider_layers and
                             all(type(i) is int and 0 <= i <= L for i in t.decider_layers)):
             raise ValueError(f"hidden_states_layer_nums is {t.decider_layers!r}; it must list "
@@ -182,8 +182,8 @@ class TaHConfig:
         if lora:
             j["adapter_kwargs"] = {"target_modules": "all-linear", "bias": "none"}
         if decider:
-            j["iter_decider_kwargs"] = {"hidden_states_size": hidden_size, "max_iter": self.max_iter,
-                                        "normalize_input": False}
+            j["iter_decider_kwargs"] = {"hidden_states_size": hidden_size, "normalize_input": False,
+                                        "max_iter": self.max_iter}
         for theirs, ours in SCHEMA.items():
             group, _, key = theirs.rpartition(".")
             if not group or group in j:  # the groups of the parts this model has
