@@ -265,10 +265,10 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (0 done, 2 a user error, 130 interrupted)."""
+def main(argv: list[str] | None = None, parse=parse_args, go=run) -> int:
+    """The command line (also bench/eval.py's): exit status 0 done, 2 a user error, 130 stopped."""
     try:
-        return run(parse_args(argv))
+        return go(parse(argv))
     except (OSError, ValueError) as e:  # what a user can fix, in one line; bugs keep a traceback
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

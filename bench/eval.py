@@ -271,16 +271,17 @@ def prompt_ids(tok: tah.Tokenizer, question: str, a: argparse.Namespace, raw: bo
     return generate.prompt_ids(tok, system + [{"role": "user", "content": text}], raw, think)
 
 
-def evaluate(model, tok, src: Source, problems: list, todo: list, done: dict, path: Path, *,
+def evaluate(model, tok, src: Source, items: list, todo: list, done: dict, path: Path, *,
              gen: dict, judge, batch_size: int) -> None:
-    """Answers the (id, prompt ids) of todo, appending each scored row to path as it finishes
-    (flushed) and to done, with progress on stderr: done / total, accuracy, tokens/s, an ETA."""
+    """Answers the (id, prompt ids) of todo, the ids into items, appending each scored row to
+    path as it finishes (flushed) and to done, with progress on stderr: done / total, accuracy,
+    tokens/s, an ETA."""
     if not todo:
-        print(f"[{src.name}] {len(done)}/{len(problems)} already in {path}", file=sys.stderr)
+        print(f"[{src.name}] {len(done)}/{len(items)} already in {path}", file=sys.stderr)
     made, t0, left = 0, time.perf_counter(), len(todo)
     with path.open("a", encoding="utf-8") as f:
         for i, tokens, passes in answers(model, todo, gen, batch_size):
-            question, reference = problems[i]
+            question, reference = items[i]
             reply = tok.decode(tokens)
             pred = extract(reply)
             iterated = sum(p > 1 for p in passes)
@@ -293,7 +294,7 @@ def evaluate(model, tok, src: Source, problems: list, todo: list, done: dict, pa
             made, left, seconds = made + len(tokens), left - 1, time.perf_counter() - t0
             right = sum(r["correct"] for r in done.values())
             eta = seconds / (len(todo) - left) * left
-            print(f"[{src.name}] {len(done)}/{len(problems)} | accuracy {right}/{len(done)} = "
+            print(f"[{src.name}] {len(done)}/{len(items)} | accuracy {right}/{len(done)} = "
                   f"{right / len(done):.1%} | {made / max(seconds, 1e-9):.1f} tokens/s | "
                   f"ETA {duration(eta)}", file=sys.stderr)
 
@@ -361,13 +362,15 @@ def run(a: argparse.Namespace) -> int:
     paths = {n: a.out / f"{tag}--{n}.jsonl" for n in chosen}
     done = {n: read_results(paths[n], settings | {"data": s.bench.repo or str(s.path.resolve())})
             for n, s in chosen.items()}  # every file checked before any generation
+    print("note: Ctrl-C stops; the same command goes on where it stopped", file=sys.stderr)
     rows = []
     for n, src in chosen.items():
+        done[n] = {i: r for i, r in done[n].items() if i < len(data[n])}  # within --limit
         todo = [(i, prompt_ids(tok, q, a, raw, think)) for i, (q, _) in enumerate(data[n])
                 if i not in done[n]]
         evaluate(model, tok, src, data[n], todo, done[n], paths[n], gen=gen, judge=judge,
                  batch_size=a.batch_size)
-        rows.append(summary(n, [done[n][i] for i in range(len(data[n])) if i in done[n]]))
+        rows.append(summary(n, list(done[n].values())))
     temperature = "greedy" if gen["temperature"] == 0 else \
         f"temperature {gen['temperature']:g}, top-p {gen['top_p']:g}, top-k {gen['top_k']}"
     print(f"model {a.model} | policy {gen['policy']} | threshold {gen['threshold']:g} | "
@@ -379,14 +382,7 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (0 done, 2 a user error, 130 interrupted)."""
-    try:
-        return run(parse_args(argv))
-    except (OSError, ValueError) as e:  # what a user can fix, in one line; bugs keep a traceback
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stopped; the same command goes on where this one stopped", file=sys.stderr)
-        return 130
+    return generate.main(argv, parse=parse_args, go=run)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
 import sys
 
 import huggingface_hub.constants
@@ -240,7 +241,8 @@ def test_limit_and_resume(tmp_path, monkeypatch, capsys):
         assert (r["correct"], r["tokens"], r["iterated"], r["share_iterated"]) == \
             (reply == p["answer"], 1, int(passes > 1), float(passes > 1))
     assert ev.main(args + ["--limit", "2"]) == 0  # a smaller limit counts only its problems
-    assert table(capsys.readouterr().out)["math500"][0] == 2 and sum(answered) == 6
+    out = capsys.readouterr()
+    assert table(out.out)["math500"][0] == 2 and sum(answered) == 6 and "2/2 already in" in out.err
 
 
 def test_interrupted_runs_resume_without_duplicates(tmp_path, monkeypatch, capsys):
@@ -255,7 +257,7 @@ def test_interrupted_runs_resume_without_duplicates(tmp_path, monkeypatch, capsy
         return real(*a, **kw)
     monkeypatch.setattr(tah, "generate", stopped_at_the_third)
     assert ev.main(args) == 130
-    assert "the same command goes on where this one stopped" in capsys.readouterr().err
+    assert "Ctrl-C stops; the same command goes on where it stopped" in capsys.readouterr().err
     [path] = tmp_path.iterdir()
     assert len(path.read_text().splitlines()) == 1 + 2
     with path.open("a") as f:  # a kill in the middle of writing the third row
@@ -439,3 +441,10 @@ def test_generate_has_no_eval_left(capsys):
         generate.parse_args(["--help"])
     help = capsys.readouterr().out
     assert "--html" in help and not any(f in help for f in ("--eval", "--batch-size", "--instruction"))
+
+
+def test_the_script_runs_as_a_command(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "eval.py"), *TOY, "--limit", "3", "--out",
+                        str(tmp_path), str(TOY_EVAL)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert table(r.stdout)["toy-eval"][0] == 3 and "[toy-eval] 3/3 | accuracy" in r.stderr
