@@ -8,15 +8,13 @@ black on yellow = 2; on a terminal without NO_COLOR); notes and stats go to stde
     python generate.py                                    # interactive chat (Ctrl-D or 'exit')
     python generate.py --model runs/toy/tah --greedy --html trace.html \\
         "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 1: B J 2: A"  # open trace.html in a browser
-    python generate.py --eval gsm8k.jsonl --batch-size 16 # the authors' protocol; see README
-    python generate.py --model runs/toy/tah --eval tests/fixtures/toy-eval.jsonl --greedy
 """
 import argparse
+import contextlib
 import html
 import json
 import math
 import os
-import re
 import string
 import sys
 import time
@@ -25,14 +23,9 @@ import torch
 
 import tah
 
-HIGHLIGHT = {2: "\033[30;43m", 3: "\033[97;41m"}  # passes -> ANSI style (3 stands for 3 or more)
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-EVAL_THRESHOLD = 0.9  # the decider threshold of the authors' evaluation (training uses 0.8)
-
-
 def paint(text: str, passes: int, color: bool) -> str:
     """ANSI-highlights text by passes, line by line: no background colour spills past a newline."""
-    style = HIGHLIGHT.get(min(passes, 3), "") if color else ""
+    style = {2: "\033[30;43m", 3: "\033[97;41m"}.get(min(passes, 3), "") if color else ""  # 3+
     return "\n".join(f"{style}{s}\033[0m" if style and s else s for s in text.split("\n"))
 
 
@@ -42,20 +35,15 @@ def prompt_ids(tok: tah.Tokenizer, messages: list[dict], raw: bool, think: bool)
     return tok.encode(text)
 
 
-def stats(passes: list[int], seconds: float, policy: str) -> str:
-    return (f"{len(passes)} tokens | {len(passes) / max(seconds, 1e-9):.1f} tokens/s | "
-            f"{sum(p > 1 for p in passes) / max(len(passes), 1):.1%} iterated (policy {policy})")
-
-
-def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, *, color: bool = False,
-           trace: list | None = None) -> tuple[list[int], list[int]]:
-    """Generates from prompt ids (gen, trace: tah.generate's), printing the text as it comes, then
+def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, *,
+           color: bool = False) -> tuple[list[int], list[int]]:
+    """Generates from prompt ids (gen: tah.generate's keywords), printing the text as it comes, then
     the stats; Ctrl-C ends early. Returns the tokens (without the stop token) and their passes."""
     if not ids:
         raise ValueError("the prompt is empty; give some text")
     tokens, passes, shown, k, t0 = [], [], "", 0, time.perf_counter()  # tokens[k:] not yet shown
     try:
-        for t, p in tah.generate(model, ids, **gen, trace=trace):
+        for t, p in tah.generate(model, ids, **gen):
             if int(t) in gen["stop_ids"]:
                 break
             tokens.append(int(t))
@@ -68,7 +56,9 @@ def stream(model: tah.TaH, tok: tah.Tokenizer, ids: list[int], gen: dict, *, col
     except KeyboardInterrupt:
         print(" [stopped]", end="", file=sys.stderr)
     print(paint(tok.decode(tokens)[len(shown):], max(passes[k:], default=1), color))  # the rest
-    print(stats(passes, time.perf_counter() - t0, gen["policy"]), file=sys.stderr)
+    n, iterated, seconds = len(tokens), sum(p > 1 for p in passes), time.perf_counter() - t0
+    print(f"{n} tokens | {n / max(seconds, 1e-9):.1f} tokens/s | {iterated / max(n, 1):.1%} "
+          f"iterated (policy {gen['policy']})", file=sys.stderr)
     return tokens, passes
 
 
@@ -89,6 +79,25 @@ def chat(model, tok, history: list, gen: dict, *, raw: bool, think: bool, color:
             history = messages + [{"role": "assistant", "content": tok.decode(tokens)}]
         except ValueError as e:  # an empty line, or a conversation longer than the context
             print(f"error: {e}", file=sys.stderr)
+
+
+@torch.no_grad()
+def trace(model: tah.TaH, ids: list[int], policy: str, threshold: float) -> dict[str, list]:
+    """The numbers behind each position of ids, from ONE forward over them (it equals cached
+    decoding; tests/test_tah.py checks that): passes, the decider's probability (NaN unless the
+    policy is "decider"), the top 5 of pass 1's and the final softmax, the soft token's weights."""
+    x = torch.tensor([ids], device=model.lm_head.weight.device)  # (1, T)
+    out = model(x, policy, threshold=threshold, output_hidden_states=True)
+    z1 = model.lm_head(out.hidden_states[-1])[0].float()  # (T, V) pass 1's logits: index L = norm
+    soft = z1.topk(model.tah.input_topk)  # (T, k): the soft token mixes these embedding rows
+    prob = torch.sigmoid(out.continue_logit[0].float()) if policy == "decider" \
+        else torch.full(x.shape[1:], float("nan"))
+    at = {"passes": out.iter_count[0], "prob": prob, "soft_ids": soft.indices[:, :5],
+          "soft_weights": soft.values.softmax(-1)[:, :5]}  # the largest weights: largest logits
+    for name, z in (("pass1", z1), ("final", out.logits[0].float())):
+        v, i = z.topk(5)  # (T, 5) logits and ids; their softmax probabilities: exp(z - logsumexp z)
+        at[name + "_ids"], at[name + "_probs"] = i, (v - z.logsumexp(-1, keepdim=True)).exp()
+    return {name: v.tolist() for name, v in at.items()}
 
 
 TOPS = {"pass 1 predicted": ("pass1_ids", "pass1_probs"),  # the trace's top-5 lists, by heading
@@ -123,12 +132,10 @@ show({target: document.querySelector("#answer .t")});
 """)
 
 
-def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], trace: list,
+def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[int], at: dict,
                header: str, threshold: float) -> None:
-    """The page of one generation (trace: tah.generate's, batch of one): each token coloured by
-    the passes of the position that predicted it, with a bar for that position's decider
-    probability and its top-5 lists in data-top, which the script shows on hover or click."""
-    at = {k: torch.cat([step[k] for step in trace], 1)[0].tolist() for k in trace[0]}  # row 0
+    """The page of one generation (at: trace() of prompt + tokens): each token coloured by the
+    passes that predicted it, a bar for the decider's probability, its top-5 lists on hover."""
     spans = [f'<span class="t">{html.escape(tok.decode(prompt[:1]))}</span>']  # none predicted it
     for j, t in enumerate(prompt[1:] + tokens):  # token j + 1, predicted by position j
         p, q = at["passes"][j], at["prob"][j]
@@ -143,99 +150,31 @@ def write_html(path: str, tok: tah.Tokenizer, prompt: list[int], tokens: list[in
                                 answer="".join(spans[len(prompt):])))
 
 
-def read_jsonl(path: str) -> list[tuple[str, str]]:
-    """(question, answer) pairs; a GSM8K answer "... #### 42" keeps what follows ####."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                if line.strip():
-                    r = json.loads(line)
-                    rows.append((str(r["question"]), str(r["answer"]).split("####")[-1].strip()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: expected a JSON object with 'question' and 'answer' "
-                                 f"({type(e).__name__}: {e}); fix or delete that line") from None
-    if not rows:
-        raise ValueError(f"{path} holds no questions; give a JSONL file with one per line")
-    return rows
+def bounded(kind: type, ok, want: str):
+    """An argparse type= function: the text read as kind if ok(value), else one line of error."""
+    def parse(text: str):
+        with contextlib.suppress(ValueError):  # not a number, or not one of kind
+            if ok(value := kind(text)):  # NaN fails every comparison, so it is refused too
+                return value
+        raise argparse.ArgumentTypeError(f"{text} is not {want}")
+    return parse
 
 
-def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...}, braces matched; None if there is none."""
-    start, depth = text.rfind("\\boxed{"), 0
-    for i in range(start + 6, len(text)) if start >= 0 else ():
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start + 7:i]
-    return None
-
-
-def extract(reply: str) -> str | None:
-    """A reply's answer: its last \\boxed{}, else its first word (the toy's one-letter replies)."""
-    boxed = last_boxed(reply)
-    return boxed if boxed is not None else (reply.split() or [None])[0]
-
-
-def normalize(s: str) -> str:
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)  # \\text{B} -> B
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)  # 1,234 -> 1234, but the list 1,2 stays
-    return re.sub(r"\s|\$|\\!|\\,", "", s).replace("\\dfrac", "\\frac").rstrip(".")
-
-
-def is_correct(pred: str | None, answer: str) -> bool:
-    """Exact match: normalize()d answers compared as numbers when both parse, else as text."""
-    if pred is None:
-        return False
-    a, b = normalize(pred), normalize(answer)
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
-    except ValueError:
-        return a == b
-
-
-def scorer() -> tuple[str, callable]:
-    """math-verify (the authors' scorer) when installed, else exact match: (name, judge)."""
-    try:
-        from math_verify import parse, verify
-    except ImportError:
-        return "exact-match", is_correct
-    return "math-verify", lambda pred, answer: pred is not None and verify(
-        parse(f"${answer.strip('$')}$"), parse(f"${pred.strip('$')}$"))
-
-
-def evaluate(model, tok, rows: list, gen: dict, *, batch_size: int, raw: bool, think: bool,
-             instruction: str | None, judge) -> str:
-    """Answers the (question, answer) rows in left-padded batches, printing progress; returns the
-    summary. The prompt is the bare question (the authors' protocol) unless given an instruction."""
-    right, passes, t0 = 0, [], time.perf_counter()
-    for b in range(0, len(rows), batch_size):
-        batch = rows[b:b + batch_size]
-        texts = [f"{q}\n{instruction}" if instruction else q for q, _ in batch]
-        prompts = [prompt_ids(tok, [{"role": "user", "content": x}], raw, think) for x in texts]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[-1] * (width - len(p)) + p for p in prompts])  # (B, T); -1 = padding
-        steps = zip(*tah.generate(model, ids.clamp(min=0), valid=ids >= 0, **gen))  # tokens, passes
-        for toks, iters, (_, answer) in zip(*(torch.stack(s, 1).tolist() for s in steps), batch):
-            end = next((i for i, t in enumerate(toks) if t in gen["stop_ids"]), len(toks))
-            right += bool(judge(extract(tok.decode(toks[:end])), answer))
-            passes += iters[:end]
-        n = b + len(batch)
-        summary = (f"accuracy {right}/{n} = {right / n:.1%} | "
-                   f"{stats(passes, time.perf_counter() - t0, gen['policy'])}")
-        print(f"[{n}/{len(rows)}] {summary}", file=sys.stderr)
-    return summary
+non_negative = bounded(float, lambda v: v >= 0, "a number >= 0")
+probability = bounded(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+mass = bounded(float, lambda v: 0 < v <= 1, "a mass in (0, 1]")
+count = bounded(int, lambda v: v >= 0, "an integer >= 0")
+positive = bounded(int, lambda v: v >= 1, "an integer >= 1")
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of the usage block
-        raise ValueError(f"{message}; see python generate.py --help")
+        raise ValueError(f"{message}; see {self.prog} --help")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The flags, checked before anything loads (ValueError: what was wrong, what to do)."""
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_flags(p: argparse.ArgumentParser, *, threshold: float | None, length: int) -> None:
+    """The flags that load a model and sample from it, which bench/eval.py shares."""
     add = p.add_argument
-    add("prompt", nargs="?", help="the prompt; without one (and without --eval) a chat starts")
     add("--model", default="nics-efc/TaH-plus-1.7B", help="hub id or local checkpoint "
         "directory (default %(default)s)")
     add("--system", help="system message (chat format only)")
@@ -243,65 +182,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--raw", action="store_true", help="feed the prompt as plain text, without the chat format")
     add("--policy", choices=["decider", "standard", "always"],
         help="who gets pass 2: the decider (default if the model has one), nobody, everybody")
-    add("--threshold", type=float,
-        help=f"decider threshold (default: the checkpoint's; {EVAL_THRESHOLD} with --eval)")
-    add("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy; "
+    add("--threshold", type=probability, default=threshold, help="decider threshold in [0, 1] "
+        "(default: " + ("the checkpoint's)" if threshold is None else "%(default)s)"))
+    add("--temperature", type=non_negative, default=0.6, help="sampling temperature (0 = greedy; "
         "default %(default)s)")
-    add("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
-    add("--top-k", type=int, default=20, help="sample among the k likeliest "
-        "tokens (0 = all; default %(default)s)")
-    add("--min-p", type=float, default=0.0, help="drop tokens under min_p x the top one")
+    add("--top-p", type=mass, default=0.95, help="nucleus sampling mass (default %(default)s)")
+    add("--top-k", type=count, default=20, help="k likeliest tokens only (0 = all; default "
+        "%(default)s)")
+    add("--min-p", type=probability, default=0.0, help="drop tokens under min_p x the top one")
     add("--greedy", action="store_true", help="always take the most likely token")
-    add("--max-new-tokens", type=int, help="stop after this many (default 1024; 4096 with --eval)")
+    add("--max-new-tokens", type=positive, default=length, help="answer length cap (default "
+        "%(default)s)")
     add("--seed", type=int, help="seed for sampling, for reproducible answers")
-    add("--device", help="cuda, mps or cpu (default: the first available, in that order)")
+    add("--device", help="cuda, mps or cpu (default: the first of them this machine has)")
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="bf16 on a GPU, else fp32")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, checked before anything loads (ValueError: what was wrong, what to do)."""
+    p = Parser(prog="python generate.py", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("prompt", nargs="?", help="the prompt; without one a chat starts")
+    model_flags(p, threshold=None, length=1024)
     add("--color", choices=["auto", "always", "never"], default="auto", help="colour by passes")
-    add("--no-color", dest="color", action="store_const", const="never", help="--color never")
-    add("--html", metavar="FILE", help="also write the trace of one prompt as a web page")
-    add("--eval", metavar="FILE", help="score JSONL {question, answer} rows: a reply's last "
-        "\\boxed{} (else its first word) against the answer, by math-verify if installed")
-    add("--instruction", nargs="?", const=INSTRUCTION, metavar="TEXT", help="--eval: append TEXT "
-        f"to each question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
-    add("--batch-size", type=int, default=1, help="--eval: questions generated "
-        "together (default %(default)s)")
+    add("--html", metavar="FILE", help="also write the trace of the answer as a web page")
     a = p.parse_args(argv)
-    for flag, ok, hint in [  # NaN fails every comparison, so it is refused too
-            ("temperature", a.temperature >= 0, "give 0 or more"),
-            ("top_p", 0 < a.top_p <= 1, "give a mass in (0, 1]"),
-            ("top_k", a.top_k >= 0, "give 0 (all) or more"),
-            ("min_p", 0 <= a.min_p < 1, "give a value in [0, 1)"),
-            ("threshold", a.threshold is None or 0 <= a.threshold <= 1,
-             "give a probability in [0, 1]"),
-            ("max_new_tokens", a.max_new_tokens is None or a.max_new_tokens >= 1, "give 1 or more"),
-            ("batch_size", a.batch_size >= 1, "give 1 or more")]:
-        if not ok:
-            raise ValueError(f"--{flag.replace('_', '-')} is {getattr(a, flag)}; {hint}")
-    if a.html and (a.prompt is None or a.eval):
-        raise ValueError("--html traces one prompt; give a prompt and no --eval")
-    if a.eval and not os.path.isfile(a.eval):
-        raise ValueError(f"no file {a.eval}; check --eval")
-    try:  # a device this machine lacks fails now, not after the download
-        torch.empty(0, device=a.device)
-    except (RuntimeError, AssertionError) as e:
-        why = str(e).splitlines()[0].split(". ")[0]  # torch's first sentence
-        raise ValueError(f"--device {a.device} is not usable here ({why}); "
-                         "leave --device out to take the first available") from None
+    if a.html and a.prompt is None:
+        raise ValueError("--html traces one prompt; give a prompt")
     try:  # a page that cannot be written fails before generation, not after
-        if a.html and not os.path.exists(a.html):
-            open(a.html, "a").close()  # try it, and leave nothing behind
-            os.remove(a.html)
-        elif a.html:
+        existed = os.path.exists(a.html or "")
+        if a.html:
             open(a.html, "a").close()
+        if a.html and not existed:
+            os.remove(a.html)  # tried it, and left nothing behind
     except OSError as e:
-        raise ValueError(f"cannot write --html {a.html} ({e.strerror}); give a writable path") \
-            from None
+        raise ValueError(f"cannot write --html {a.html} ({e.strerror}); fix the path") from None
     return a
 
 
-def run(a: argparse.Namespace) -> int:
-    """Loads the model and generates: one prompt, the eval rows, or a chat."""
-    rows = read_jsonl(a.eval) if a.eval else None
+def setup(a: argparse.Namespace) -> tuple:
+    """(model, tokenizer, tah.generate's keywords, raw, think) as the flags say; notes on stderr."""
+    try:  # a device this machine lacks fails now, not after the download
+        torch.empty(0, device=a.device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {a.device} is not usable here ({str(e).split('. ')[0]}); "
+                         "leave --device out to take the first available") from None
     path, device = tah.resolve(a.model), a.device or tah.default_device()
     model = tah.load(path, device, getattr(torch, a.dtype) if a.dtype else None)
     tok = tah.load_tokenizer(path)
@@ -309,46 +235,40 @@ def run(a: argparse.Namespace) -> int:
         print("note: this tokenizer has no chat tokens, so prompts go in raw", file=sys.stderr)
     if model.decider is None and a.policy is None:
         print("note: this model has no decider, so it runs as plain Qwen3", file=sys.stderr)
-    raw, think = a.raw or not tok.has_chat, not a.no_think
-    policy = a.policy or ("standard" if model.decider is None else "decider")
-    default = EVAL_THRESHOLD if rows else model.tah.threshold  # the authors evaluate at 0.9
-    threshold = default if a.threshold is None else a.threshold
     rng = None if a.seed is None else torch.Generator(device).manual_seed(a.seed)
-    gen = dict(max_new_tokens=a.max_new_tokens or (4096 if rows else 1024), policy=policy,
-               stop_ids=tok.stop_ids, threshold=threshold, generator=rng, top_k=a.top_k,
+    gen = dict(max_new_tokens=a.max_new_tokens, stop_ids=tok.stop_ids, generator=rng,
+               policy=a.policy or ("standard" if model.decider is None else "decider"),
+               threshold=model.tah.threshold if a.threshold is None else a.threshold, top_k=a.top_k,
                temperature=0.0 if a.greedy else a.temperature, top_p=a.top_p, min_p=a.min_p)
+    return model, tok, gen, a.raw or not tok.has_chat, not a.no_think
+
+
+def run(a: argparse.Namespace) -> int:
+    """Loads the model and generates: one prompt (and its page), or a chat."""
+    model, tok, gen, raw, think = setup(a)
     tty = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     color = a.color == "always" or (a.color == "auto" and tty)
-    if color and not rows:
+    if color:
         print("colours: " + ", ".join(paint(f"{d} pass" + "es" * (d > 1), d, True)
                                       for d in range(1, model.tah.max_iter + 1)), file=sys.stderr)
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    if rows:
-        name, judge = scorer()
-        print(f"note: scoring with {name}" + " (pip install '.[eval]' for math-verify, the "
-              "authors' scorer)" * (name != "math-verify"), file=sys.stderr)
-        summary = evaluate(model, tok, rows, gen, batch_size=a.batch_size, raw=raw, think=think,
-                           instruction=a.instruction, judge=judge)
-        print(f"{a.eval}: {summary} | scorer {name} | threshold {threshold:g} | "
-              f"max {gen['max_new_tokens']} new tokens")
-    elif a.prompt is not None:
-        ids = prompt_ids(tok, messages + [{"role": "user", "content": a.prompt}], raw, think)
-        trace, t0 = ([] if a.html else None), time.perf_counter()
-        tokens, passes = stream(model, tok, ids, gen, color=color, trace=trace)
-        if a.html:
-            header = f"{a.model} | {stats(passes, time.perf_counter() - t0, policy)} | " \
-                     f"threshold {threshold:g}"
-            write_html(a.html, tok, ids, tokens, trace, header, threshold)
-            print(f"wrote {a.html}", file=sys.stderr)
-    else:
+    if a.prompt is None:
         chat(model, tok, messages, gen, raw=raw, think=think, color=color)
+        return 0
+    ids = prompt_ids(tok, messages + [{"role": "user", "content": a.prompt}], raw, think)
+    tokens, _ = stream(model, tok, ids, gen, color=color)
+    if a.html:
+        header = f"{a.model} | policy {gen['policy']} | threshold {gen['threshold']:g}"
+        at = trace(model, ids + tokens, gen["policy"], gen["threshold"])
+        write_html(a.html, tok, ids, tokens, at, header, gen["threshold"])
+        print(f"wrote {a.html}", file=sys.stderr)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (0 done, 2 a user error, 130 interrupted)."""
+def main(argv: list[str] | None = None, parse=parse_args, go=run) -> int:
+    """The command line (also bench/eval.py's): exit status 0 done, 2 a user error, 130 stopped."""
     try:
-        return run(parse_args(argv))
+        return go(parse(argv))
     except (OSError, ValueError) as e:  # what a user can fix, in one line; bugs keep a traceback
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2

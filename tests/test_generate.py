@@ -1,6 +1,6 @@
 """generate.py: the streamed text and ids against the authors' fixture and plain Qwen3 decoding,
-colours, the chat loop, --eval (protocol, scorers, the toy set end to end), and the errors a user
-can run into: one line, exit status 2, before anything loads."""
+colours, the chat loop, and the errors a user can run into: one line, exit status 2, before
+anything loads. (Accuracy on benchmarks is bench/eval.py's: tests/test_eval.py.)"""
 import io
 import json
 import re
@@ -22,8 +22,6 @@ import train  # noqa: E402
 PROMPT = "The sum of 3 and 4 is"  # plain text: encodes and decodes back to itself
 GREEDY = ["--model", str(FIXTURE), "--raw", "--greedy"]
 ANSI = re.compile(r"\033\[[0-9;]*m")
-TOY_EVAL = ROOT / "tests" / "fixtures" / "toy-eval.jsonl"
-TOY_TAH = ROOT / "tests" / "fixtures" / "toy-tah"  # the default toy run, trained
 
 
 def toy_tokenizer(folder) -> tah.Tokenizer:
@@ -229,31 +227,24 @@ def test_user_errors_are_one_clean_line(tmp_path, capsys):
     (tmp_path / "short" / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8}))
     assert generate.main(["--model", str(tmp_path / "short"), "--raw", PROMPT]) == 2
     assert "the prompt has 10 tokens but the model's context is 8" in capsys.readouterr().err
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "1+1?", "answer": "2"}\n\n{"question": "oops"\n')
-    assert generate.main(["--model", str(FIXTURE), "--eval", str(bad)]) == 2
-    assert f"{bad}:3: expected a JSON object" in capsys.readouterr().err
-    bad.write_text('{"question": "1+1?", "answer": "2"}\n{"q": "2+2?", "answer": "4"}\n')
-    assert generate.main(["--model", str(FIXTURE), "--eval", str(bad)]) == 2
-    assert f"{bad}:2:" in capsys.readouterr().err
 
 
 FLAG_ERRORS = [  # (flags, the start of the message); checked before the (missing) model loads
-    (["--temperature", "-1"], "error: --temperature is -1.0; give 0 or more"),
-    (["--temperature", "nan"], "error: --temperature is nan"),
-    (["--top-p", "0"], "error: --top-p is 0.0; give a mass in (0, 1]"),
-    (["--top-p", "1.5"], "error: --top-p is 1.5"),
-    (["--top-k", "-1"], "error: --top-k is -1"),
-    (["--min-p", "1"], "error: --min-p is 1.0"),
-    (["--threshold", "1.5"], "error: --threshold is 1.5; give a probability in [0, 1]"),
-    (["--threshold", "-0.1"], "error: --threshold is -0.1"),
-    (["--max-new-tokens", "0"], "error: --max-new-tokens is 0; give 1 or more"),
-    (["--batch-size", "0"], "error: --batch-size is 0; give 1 or more"),
-    (["--eval", "missing.jsonl"], "error: no file missing.jsonl; check --eval"),
+    (["--temperature", "-1"], "error: argument --temperature: -1 is not a number >= 0; see"),
+    (["--temperature", "nan"], "error: argument --temperature: nan is not a number >= 0"),
+    (["--top-p", "0"], "error: argument --top-p: 0 is not a mass in (0, 1]; see"),
+    (["--top-p", "1.5"], "error: argument --top-p: 1.5 is not a mass"),
+    (["--top-k", "-1"], "error: argument --top-k: -1 is not an integer >= 0"),
+    (["--top-k", "many"], "error: argument --top-k: many is not an integer >= 0; see"),
+    (["--top-k", "2.5"], "error: argument --top-k: 2.5 is not an integer"),
+    (["--min-p", "1.5"], "error: argument --min-p: 1.5 is not a probability in [0, 1]"),
+    (["--threshold", "1.5"], "error: argument --threshold: 1.5 is not a probability in [0, 1]"),
+    (["--threshold", "-0.1"], "error: argument --threshold: -0.1 is not a probability"),
+    (["--max-new-tokens", "0"], "error: argument --max-new-tokens: 0 is not an integer >= 1"),
     (["--device", "nonsense"], "error: --device nonsense is not usable here"),
-    (["--top-k", "many"], "error: argument --top-k: invalid int value: 'many'; see"),
     (["--policy", "sometimes"], "error: argument --policy: invalid choice"),
-    (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag; see"),
+    (["--eval", "gsm8k.jsonl"], "error: unrecognized arguments: --eval"),  # bench/eval.py now
+    (["--no-such-flag"], "error: unrecognized arguments: --no-such-flag; see python generate.py"),
 ]
 
 
@@ -262,6 +253,15 @@ def test_bad_flags_fail_in_one_line_before_loading(flags, message, tmp_path, cap
     assert generate.main(["--model", str(tmp_path / "not-loaded"), *flags, "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "; " in err, err
+
+
+def test_flags_at_their_bounds_are_taken():
+    a = generate.parse_args(["--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0",
+                             "--threshold", "1", "--max-new-tokens", "1", "hi"])
+    assert (a.temperature, a.top_p, a.top_k, a.min_p, a.threshold, a.max_new_tokens) == (0, 1, 0, 0, 1, 1)
+    assert type(a.top_k) is int and type(a.top_p) is float
+    a = generate.parse_args(["hi"])  # the defaults: published sampling, the checkpoint's threshold
+    assert (a.temperature, a.top_p, a.top_k, a.threshold, a.max_new_tokens) == (0.6, 0.95, 20, None, 1024)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -279,126 +279,3 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(tah, "load", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         generate.main(["--model", str(FIXTURE), "hi"])
-
-
-SCORED = [  # (prediction, reference, right): what both scorers must agree on
-    ("42", "42", True), ("$42$.", " 42", True), ("42.0", "42", True), ("1,234", "1234", True),
-    ("\\text{B}", "B", True), ("\\dfrac{1}{2}", "\\frac{1}{2}", True), ("10\\!000", "10000", True),
-    ("-3", "-3", True), ("-3", "3", False), ("3.", "3", True), ("1,2", "12", False),
-    ("41", "42", False), ("x+1", "x + 1", True), ("\\frac{1}{\\sqrt{2}}", "\\frac{1}{\\sqrt{2}}", True),
-    ("C", "C", True), ("C", "D", False), (None, "42", False)]
-
-
-@pytest.mark.parametrize("pred, answer, right", SCORED)
-def test_exact_match(pred, answer, right):
-    assert generate.is_correct(pred, answer) is right
-
-
-@pytest.mark.parametrize("pred, answer, right", SCORED + [("0.5", "\\frac{1}{2}", True),
-                                                          ("\\$5", "5", True)])
-def test_math_verify(pred, answer, right, monkeypatch):
-    pytest.importorskip("math_verify")
-    name, judge = generate.scorer()
-    assert name == "math-verify" and bool(judge(pred, answer)) is right
-
-
-def test_without_math_verify_the_exact_match_runs(monkeypatch):
-    monkeypatch.setitem(sys.modules, "math_verify", None)  # import fails, as if not installed
-    assert generate.scorer() == ("exact-match", generate.is_correct)
-
-
-def test_answer_extraction_and_gsm8k_answers(tmp_path):
-    assert generate.last_boxed("so \\boxed{1} or rather \\boxed{\\frac{3}{4}} done") == "\\frac{3}{4}"
-    assert generate.last_boxed("no box here") is None and generate.last_boxed("\\boxed{unclosed") is None
-    assert generate.extract("x \\boxed{\\frac{1}{\\sqrt{2}}}.") == "\\frac{1}{\\sqrt{2}}"  # nested
-    assert generate.extract("C 1: D") == "C" and generate.extract(" ") is None  # the toy's replies
-    f = tmp_path / "q.jsonl"
-    f.write_text('{"question": "a", "answer": "4 + 3 = 7\\n#### 7"}\n{"question": "b", "answer": 12}\n')
-    assert generate.read_jsonl(str(f)) == [("a", "7"), ("b", "12")]
-
-
-RESULT = re.compile(r"(?P<file>\S+): accuracy (?P<right>\d+)/(?P<n>\d+) = [0-9.]+% \| (?P<tokens>\d+) "
-                    r"tokens \| [0-9.]+ tokens/s \| (?P<share>[0-9.]+)% iterated \(policy (?P<policy>\w+)\)"
-                    r" \| scorer (?P<scorer>[\w-]+) \| threshold (?P<threshold>[0-9.]+) \| "
-                    r"max (?P<max>\d+) new tokens\n")
-
-
-def test_eval_protocol(tmp_path, fixture_model, monkeypatch, capsys):
-    f = tmp_path / "q.jsonl"
-    f.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
-                         for q, a in [("What is 6*7?", "#### 42"), ("1+1", "41"), ("Half of 84?", "42.0")]))
-    seen = spy_on_prompts(monkeypatch)
-    args = ["--model", str(FIXTURE), "--greedy", "--max-new-tokens", "6", "--eval", str(f)]
-    assert generate.main(args) == 0  # the random fixture model never writes \boxed{}
-    one = capsys.readouterr()
-    m = RESULT.fullmatch(one.out)
-    assert m and m["right"] == "0" and m["n"] == "3" and m["tokens"] == "18" and m["max"] == "6"
-    assert m["threshold"] == "0.9" and m["policy"] == "decider" and f"note: scoring with {m['scorer']}" in one.err
-    _, tok = fixture_model
-    bare = tok.encode(tok.chat([{"role": "user", "content": "What is 6*7?"}]))
-    assert [r.tolist() for r in seen[0]] == [bare]  # the authors' protocol: the bare question in the chat format
-    assert generate.main(args + ["--batch-size", "2", "--instruction", "--threshold", "0.5"]) == 0
-    m2 = RESULT.fullmatch(capsys.readouterr().out)
-    assert m2["threshold"] == "0.5" and float(m2["share"]) > float(m["share"])  # more iterate
-    asked = tok.encode(tok.chat([{"role": "user", "content": f"What is 6*7?\n{generate.INSTRUCTION}"}]))
-    assert seen[-2][0][-len(asked):].tolist() == asked  # left-padded in a batch of two
-
-    def answers_42(model, ids, valid=None, **kw):  # every row writes \boxed{42}, then stops
-        for t in tok.encode("\\boxed{42}") + [tok.stop_ids[-1]]:
-            yield torch.full((ids.shape[0],), t), torch.tensor([1, 2] * ids.shape[0])[:ids.shape[0]]
-
-    monkeypatch.setattr(tah, "generate", answers_42)
-    assert generate.main(args + ["--batch-size", "2"]) == 0
-    out = capsys.readouterr()
-    m = RESULT.fullmatch(out.out)
-    assert (m["right"], m["tokens"], m["share"]) == ("2", "30", "33.3")
-    assert "[2/3] accuracy 1/2 = 50.0%" in out.err
-
-
-def test_eval_default_length_is_the_papers(monkeypatch, capsys):
-    lengths = []
-    monkeypatch.setattr(tah, "generate", lambda model, ids, **kw: lengths.append(kw["max_new_tokens"])
-                        or iter([(torch.zeros(ids.shape[0], dtype=torch.long),) * 2]))
-    assert generate.main(["--model", str(FIXTURE), "--eval", str(TOY_EVAL), "--batch-size", "40"]) == 0
-    assert lengths == [4096] and "max 4096 new tokens" in capsys.readouterr().out
-
-
-def test_toy_eval_set_is_right():
-    """Each held-out row's answer follows from its own table (1-hop: table[x]; 2-hop: twice)."""
-    rows = generate.read_jsonl(str(TOY_EVAL))
-    assert len(rows) == 40 and sum(q.split()[-2] == "2:" for q, _ in rows) == 20
-    for q, answer in rows:
-        pairs, (hop, x) = q.split(" | ")[0].split(), q.split(" | ")[1].split()
-        table = dict(p.split(">") for p in pairs)
-        assert sorted(table) == sorted(table.values()) == list("ABCDEFGHIJ")
-        assert answer == (table[table[x]] if hop == "2:" else table[x])
-
-
-def test_toy_eval_end_to_end(tmp_path, capsys):
-    """The README's toy command on a random toy checkpoint: the score is the first word's."""
-    d = toy_checkpoint(tmp_path)
-    args = ["--model", str(d), "--eval", str(TOY_EVAL), "--greedy", "--max-new-tokens", "2",
-            "--threshold", "0.5"]
-    assert generate.main(args) == 0
-    out = capsys.readouterr()
-    m = RESULT.fullmatch(out.out)
-    assert "no chat tokens" in out.err and m and m["n"] == "40" and m["tokens"] == "80"
-    model, tok = tah.load(d), tah.load_tokenizer(d)
-    right, passes = 0, []
-    for q, answer in generate.read_jsonl(str(TOY_EVAL)):
-        steps = list(tah.generate(model, tok.encode(q), 2, threshold=0.5))
-        right += tok.decode([int(steps[0][0])]) == answer
-        passes += [int(p) for _, p in steps]
-    assert 0 < right < 40 and int(m["right"]) == right
-    assert float(m["share"]) == pytest.approx(100 * sum(p > 1 for p in passes) / 80, abs=0.05)
-    assert generate.main(args + ["--batch-size", "8"]) == 0  # batches score the same
-    assert RESULT.fullmatch(capsys.readouterr().out)["right"] == str(right)
-
-
-@pytest.mark.skipif(not TOY_TAH.exists(), reason="no trained toy checkpoint in this checkout")
-def test_trained_toy_on_the_held_out_set(capsys):
-    """The README's results line for the toy (a batch of 8 equals one at a time: no padding)."""
-    assert generate.main(["--model", str(TOY_TAH), "--eval", str(TOY_EVAL), "--greedy",
-                          "--max-new-tokens", "1", "--batch-size", "8"]) == 0
-    m = RESULT.fullmatch(capsys.readouterr().out)
-    assert (m["right"], m["n"], m["share"], m["threshold"]) == ("37", "40", "35.0", "0.9")

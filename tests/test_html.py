@@ -1,6 +1,7 @@
-"""generate.py --html: the page holds one element per token with the numbers of the trace, loads
-nothing from outside, never changes what is generated, and a bad path fails before generating."""
-import inspect
+"""generate.py --html: the page holds one element per token with the numbers of the trace (one
+forward over the prompt and the answer, which equals the streamed decoding: the same passes),
+loads nothing from outside, never changes what is generated, and a bad path fails before
+generating."""
 import json
 import math
 import os
@@ -22,8 +23,6 @@ from test_generate import toy_checkpoint, toy_tokenizer  # noqa: E402
 TOY_TAH = ROOT / "tests" / "fixtures" / "toy-tah"  # the default toy run, trained
 SHOWCASE = "A>C B>J C>A D>E E>D F>G G>F H>I I>H J>B | 1: B J 2: A"  # tutorial chapter 7's figure
 PROMPT = "What is 6 times 7?"  # greedy on the fixture: varied tokens, both kinds of passes
-HAS_TRACE = "trace" in inspect.signature(tah.generate).parameters
-needs_trace = pytest.mark.skipif(not HAS_TRACE, reason="tah.generate has no trace= yet")
 
 
 class Page(HTMLParser):
@@ -54,29 +53,37 @@ class Page(HTMLParser):
             self.heading = data
 
 
-def made_up_trace(prompt_len: int, n: int) -> list[dict]:
-    """A trace as tah.generate records it (batch of one): the prompt, then n - 1 fed-back tokens."""
+def made_up_trace(T: int) -> dict[str, list]:
+    """A trace as generate.trace returns it, for T positions: lists by position."""
     g = torch.Generator().manual_seed(0)
+    probs = torch.rand(T, 5, generator=g).sort(-1, descending=True).values
+    at = dict(passes=torch.randint(1, 4, (T,), generator=g), prob=torch.rand(T, generator=g),
+              pass1_ids=torch.randint(0, 100, (T, 5), generator=g), pass1_probs=probs,
+              final_ids=torch.randint(0, 100, (T, 5), generator=g), final_probs=probs / 2,
+              soft_ids=torch.randint(0, 100, (T, 5), generator=g), soft_weights=probs / 3)
+    at["prob"][1] = float("nan")  # a position without a decider probability
+    return {k: v.tolist() for k, v in at.items()}
 
-    def entry(T):
-        probs = torch.rand(1, T, 5, generator=g).sort(-1, descending=True).values
-        return dict(passes=torch.randint(1, 4, (1, T), generator=g), prob=torch.rand(1, T, generator=g),
-                    pass1_ids=torch.randint(0, 100, (1, T, 5), generator=g), pass1_probs=probs,
-                    final_ids=torch.randint(0, 100, (1, T, 5), generator=g), final_probs=probs / 2,
-                    soft_ids=torch.randint(0, 100, (1, T, 5), generator=g), soft_weights=probs / 3)
-    trace = [entry(prompt_len)] + [entry(1) for _ in range(n - 1)]
-    trace[0]["prob"][0, 1] = float("nan")  # a position without a decider probability
-    return trace
+
+def spy_on_steps(monkeypatch) -> list[tuple[int, int]]:
+    """Records the (token, passes) that tah.generate yields (batch of one)."""
+    seen, real = [], tah.generate
+
+    def spy(*args, **kw):
+        for t, p in real(*args, **kw):
+            seen.append((int(t), int(p)))
+            yield t, p
+    monkeypatch.setattr(tah, "generate", spy)
+    return seen
 
 
 def test_page_holds_the_trace(tmp_path):
     tok = toy_tokenizer(tmp_path)
     prompt, tokens = tok.encode("A>C B>J C>A | 2: A"), tok.encode("C 1: B")
-    trace = made_up_trace(len(prompt), len(tokens))
-    generate.write_html(str(tmp_path / "t.html"), tok, prompt, tokens, trace, "my <model>", 0.75)
+    at = made_up_trace(len(prompt) + len(tokens))
+    generate.write_html(str(tmp_path / "t.html"), tok, prompt, tokens, at, "my <model>", 0.75)
     text = (tmp_path / "t.html").read_text(encoding="utf-8")
     page = Page(text)
-    at = {k: torch.cat([e[k] for e in trace], 1)[0] for k in trace[0]}  # position -> numbers
     assert [t["text"] for t in page.tokens] == [tok.decode([i]) for i in prompt + tokens]
     assert [t["section"] for t in page.tokens] == ["prompt"] * len(prompt) + ["answer"] * len(tokens)
     assert "data-passes" not in page.tokens[0]  # nothing predicted the first token
@@ -87,9 +94,9 @@ def test_page_holds_the_trace(tmp_path):
             abs(float(t["data-prob"]) - prob) < 1e-4
         top = json.loads(t["data-top"])
         for name, (ids, probs) in generate.TOPS.items():
-            assert [w for w, _, _ in top[name]] == at[ids][i].tolist()
-            assert [s for _, s, _ in top[name]] == [tok.decode([w]) for w in at[ids][i].tolist()]
-            assert [x for _, _, x in top[name]] == pytest.approx(at[probs][i].tolist(), abs=1e-4)
+            assert [w for w, _, _ in top[name]] == at[ids][i]
+            assert [s for _, s, _ in top[name]] == [tok.decode([w]) for w in at[ids][i]]
+            assert [x for _, _, x in top[name]] == pytest.approx(at[probs][i], abs=1e-4)
     bars = [a["style"] for tag, a in page.tags if tag == "b"]
     assert len(bars) == len(page.tokens) - 2  # none for the first token and for the NaN
     assert bars[0] == f"width:{float(at['prob'][0]):.1%}"
@@ -107,16 +114,19 @@ def test_bad_html_path_fails_before_loading_or_generating(tmp_path, monkeypatch,
     bad = tmp_path / "missing" / "t.html"
     assert generate.main(["--model", str(FIXTURE), "--html", str(bad), "hi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot write --html {bad} (No such file or directory)")
+    assert err.startswith(f"error: cannot write --html {bad} (No such file or directory); fix")
     assert err.count("\n") == 1
     assert generate.main(["--model", str(FIXTURE), "--html", str(tmp_path), "hi"]) == 2  # a folder
     assert "cannot write --html" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
     assert generate.main(["--model", str(FIXTURE), "--html", str(tmp_path / "file" / "t.html"),
                           "hi"]) == 2  # under a file
-    assert "(Not a directory); give a writable path" in capsys.readouterr().err
+    assert "(Not a directory); fix the path" in capsys.readouterr().err
     assert generate.main(["--model", str(FIXTURE), "--html", str(tmp_path / "t.html")]) == 2
-    assert "--html traces one prompt" in capsys.readouterr().err  # a chat has no single trace
+    assert "--html traces one prompt; give a prompt" in capsys.readouterr().err  # not a chat
+    new = tmp_path / "new.html"  # writable: tried, and nothing left behind when a later step fails
+    assert generate.main(["--model", str(tmp_path / "no-model"), "--html", str(new), "hi"]) == 2
+    assert "no such model directory" in capsys.readouterr().err and not new.exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -126,7 +136,6 @@ def test_html_in_a_read_only_folder(tmp_path, capsys):
     assert "Permission denied" in capsys.readouterr().err
 
 
-@needs_trace
 def test_page_matches_the_model(tmp_path, capsys):
     """Every number on the page against one parallel forward of the whole text."""
     args = ["--model", str(FIXTURE), "--raw", "--greedy", "--max-new-tokens", "16"]
@@ -161,7 +170,28 @@ def test_page_matches_the_model(tmp_path, capsys):
             assert [r[2] for r in top[name]] == pytest.approx(x[i].tolist(), abs=2e-4), name
 
 
-@needs_trace
+@pytest.mark.parametrize("model, flags, prompt", [
+    (FIXTURE, ["--raw", "--greedy", "--max-new-tokens", "16"], PROMPT),
+    (FIXTURE, ["--raw", "--seed", "5", "--temperature", "1", "--max-new-tokens", "24"], PROMPT),
+    (TOY_TAH, ["--greedy", "--max-new-tokens", "12"], SHOWCASE)])
+def test_page_passes_are_the_streamed_passes(model, flags, prompt, tmp_path, monkeypatch, capsys):
+    """The page is one forward over the prompt and the answer; the answer's passes on it are the
+    passes that cached decoding streamed, token by token."""
+    if not model.exists():
+        pytest.skip("no trained toy checkpoint in this checkout")
+    seen = spy_on_steps(monkeypatch)
+    assert generate.main(["--model", str(model), *flags, "--html", str(tmp_path / "t.html"), prompt]) == 0
+    tok = tah.load_tokenizer(model)
+    answer = [t for t in Page((tmp_path / "t.html").read_text(encoding="utf-8")).tokens
+              if t["section"] == "answer"]
+    streamed = seen[:len(answer)]
+    rest = seen[len(answer):]  # a stop token is streamed, not shown
+    assert rest == [] or len(rest) == 1 and rest[0][0] in tok.stop_ids
+    assert [t["text"] for t in answer] == [tok.decode([t]) for t, _ in streamed]
+    assert [int(t["data-passes"]) for t in answer] == [p for _, p in streamed]
+    assert {1, 2} <= {p for _, p in streamed}  # both kinds of token occur
+
+
 def test_tracing_never_changes_the_tokens(tmp_path, capsys):
     args = ["--model", str(FIXTURE), "--raw", "--seed", "3", "--temperature", "1", "--max-new-tokens",
             "16", PROMPT]
@@ -175,7 +205,6 @@ def test_tracing_never_changes_the_tokens(tmp_path, capsys):
     assert [t["section"] for t in page.tokens].count("answer") == n > 0
 
 
-@needs_trace
 def test_subprocess_toy_tokenizer_page(tmp_path):
     """The command of the tutorial's figure, on a random model with the toy's vocabulary."""
     d = toy_checkpoint(tmp_path)
@@ -188,7 +217,6 @@ def test_subprocess_toy_tokenizer_page(tmp_path):
     assert [t["section"] for t in page.tokens].count("answer") == 1 and len(page.tokens) == 14
 
 
-@needs_trace
 @pytest.mark.skipif(not TOY_TAH.exists(), reason="no trained toy checkpoint in this checkout")
 def test_trained_toy_page_shows_what_chapter_7_says(tmp_path):
     """The figure of chapter 7: the 1-hop answer from one pass, the 2-hop answer from two, pass 2
