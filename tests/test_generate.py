@@ -136,7 +136,7 @@ def test_plain_qwen3_directory_equals_transformers_greedy(tmp_path, capsys):
     tokens, passes = generate.stream(tah.load(tmp_path), tok, ids, greedy_kwargs(tok, 24, "standard"))
     assert tokens == want and set(passes) == {1}
     assert generate.main(["--model", str(tmp_path), "--policy", "decider", PROMPT]) == 2
-    assert "needs a model with a decider" in capsys.readouterr().err
+    assert "'decider' with a model that has one" in capsys.readouterr().err
 
 
 def test_chat_keeps_history(fixture_model, monkeypatch, capsys):
