@@ -1,4 +1,4 @@
-"""Batched generation throughput (what `generate.py --eval` does): tokens/s at several batch
+"""Batched generation throughput (what `bench/eval.py --batch-size` does): tokens/s at several batch
 sizes on one random mid-size model (hidden 512, 8 layers, 8/4 heads, head_dim 64, vocab 32000,
 fp32, CPU), greedy, after random prompts of different lengths (left-padded).
 

@@ -220,7 +220,7 @@ def test_subprocess_toy_tokenizer_page(tmp_path):
 @pytest.mark.skipif(not TOY_TAH.exists(), reason="no trained toy checkpoint in this checkout")
 def test_trained_toy_page_shows_what_chapter_7_says(tmp_path):
     """The figure of chapter 7: the 1-hop answer from one pass, the 2-hop answer from two, pass 2
-    moving the prediction from a wrong top five to the right letter."""
+    moving the prediction from the fourth of pass 1's guesses to the right letter."""
     args = ["--model", str(TOY_TAH), "--greedy", "--max-new-tokens", "1", "--html",
             str(tmp_path / "t.html"), SHOWCASE]
     assert generate.main(args) == 0
@@ -229,8 +229,9 @@ def test_trained_toy_page_shows_what_chapter_7_says(tmp_path):
     assert one_hop["text"] == "J" and one_hop["data-passes"] == "1"
     assert float(one_hop["data-prob"]) < 0.01
     assert answer["text"] == "A" and answer["data-passes"] == "2"
-    assert float(answer["data-prob"]) == pytest.approx(0.91, abs=0.005)  # threshold 0.5
+    assert float(answer["data-prob"]) == pytest.approx(0.88, abs=0.005)  # threshold 0.5
     top = json.loads(answer["data-top"])
     pass1, final = top["pass 1 predicted"], top["final (+ pass 2)"]
-    assert [s for _, s, _ in pass1] == ["H", "D", "G", "J", "F"] and pass1[0][2] < 0.28
-    assert final[0][1] == "A" and final[0][2] > 0.998
+    assert [s for _, s, _ in pass1] == ["D", "E", "G", "A", "F"] and pass1[0][2] < 0.28
+    assert 0.16 < pass1[3][2] < 0.17  # the right letter, fourth
+    assert final[0][1] == "A" and final[0][2] > 0.9995
