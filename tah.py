@@ -662,8 +662,9 @@ class TaH(nn.Module):
             return (policy > depth) & valid
         if policy != "decider":
             return valid & (policy == "always")
-        t = torch.tensor(self.tah.threshold if threshold is None else threshold)
-        return (torch.sigmoid(continue_logit.float()) > t) & valid
+        t = self.tah.threshold if threshold is None else threshold
+        prob = torch.sigmoid(continue_logit.float())
+        return (prob > torch.tensor(t, dtype=torch.float32)) & valid
 
 
 # ----------------------------------------------------------------------------- loading and saving
