@@ -62,7 +62,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 import tah  # noqa: E402
 import train  # noqa: E402
 from bench.rehearse import math_rows  # noqa: E402
-from bench.tah_cost import policy as forced_passes  # noqa: E402
+from bench.tah_cost import policy as forced_passes, time_decode  # noqa: E402
 
 GIB = 2**30
 HARD = 0.15  # share of the tokens that iterate in stage 1, as in the paper's oracle labels
@@ -384,24 +384,6 @@ def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[str, int | None
             f"{int(same.all(1).sum())} of {B} rows identical"), int(first[row]) + 1
 
 
-@torch.no_grad()
-def decode_seconds(s: Setting, model: tah.TaH, prompt: torch.Tensor, passes) -> float:
-    """Seconds for passes.shape[1] greedy decode steps after the prompt's prefill (not timed),
-    step t iterating where passes[:, t] is 2 (bench/tah_cost.py's forced share p, on any device)."""
-    B, T = prompt.shape
-    cache = tah.KVCache(model, B, T + passes.shape[1])
-    tok = model(prompt, "standard", cache=cache, logits="last").logits[:, -1].argmax(-1)
-    s.sync()
-    t0 = time.perf_counter()
-    for t in range(passes.shape[1]):
-        pos = torch.full((B, 1), T + t, device=prompt.device)
-        out = model(tok[:, None], passes[:, t:t + 1], positions=pos, cache=cache, start=T + t,
-                    logits="last")
-        tok = out.logits[:, -1].argmax(-1)
-    s.sync()
-    return time.perf_counter() - t0
-
-
 def check_decode(s: Setting, shape: str) -> dict:
     """tah.generate and transformers' generate on the same saved weights, in s.dtype, greedy,
     batch 1 and 16 (prefill included in the time; one short warm-up each, then one timed run);
@@ -429,8 +411,8 @@ def check_decode(s: Setting, shape: str) -> dict:
     del hf
     model = tah.add_parts(ours, tah.TaHConfig(lora_dropout=0.0))  # a LoRA for pass 2
     prompt = torch.randint(0, ours.config.vocab_size, (1, n), generator=g).to(s.device)
-    decode_seconds(s, model, prompt[:, :8], forced_passes((1, 8), 0.5, 0).to(s.device))  # warm
-    speed = {p: n / decode_seconds(s, model, prompt, forced_passes((1, n), p, 3).to(s.device))
+    time_decode(model, prompt[:, :8], 8, forced_passes((1, 8), 0.5, 0).to(s.device))  # warm
+    speed = {p: n / time_decode(model, prompt, n, forced_passes((1, n), p, 3).to(s.device))
              for p in (0.0, 0.1, 0.5)}
     figures["tah_decode_tokens_per_s"] = speed
     rows.append(dict(what=f"TaH decode {shape}, batch 1, {n} steps after {n} tokens, a share p "

@@ -61,18 +61,22 @@ def time_forward(model, ids, pol) -> float:
 
 @torch.no_grad()
 def time_decode(model, prompt, steps: int, pol) -> float:
-    """Seconds for `steps` greedy decode steps after a prefill (not timed) of the prompt.
-    pol is "standard" or a (1, steps) tensor of passes for the decode steps."""
+    """Seconds for `steps` greedy decode steps after a prefill (not timed) of the prompt, on the
+    prompt's device (on a GPU the clock waits for its work). pol is "standard" or a (B, steps)
+    tensor of passes for the decode steps."""
     B, T = prompt.shape
     cache = tah.KVCache(model, B, T + steps)
-    out = model(prompt, "standard", cache=cache)
+    out = model(prompt, "standard", cache=cache, logits="last")
     tok = out.logits[:, -1].argmax(-1)
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    sync()
     t0 = CLOCK()
     for s in range(steps):
         step = pol if isinstance(pol, str) else pol[:, s:s + 1]
-        out = model(tok[:, None], step, positions=torch.full((B, 1), T + s), cache=cache,
-                    start=T + s)
+        pos = torch.full((B, 1), T + s, device=prompt.device)
+        out = model(tok[:, None], step, positions=pos, cache=cache, start=T + s)
         tok = out.logits[:, -1].argmax(-1)
+    sync()
     return CLOCK() - t0
 
 
