@@ -480,8 +480,14 @@ class Decider(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, T, V) final logits: z1, or z1 + z2 (+ ...) where a token iterated
+    """What a forward returns. The final logits are made where they are asked for: `logits` holds
+    those of the positions the call asked (all, the last, or none), and `TaH.final_logits` makes
+    any others from `passes`, as a training step does, a chunk of positions at a time."""
+
+    logits: torch.Tensor | None  # (B, n, V) final logits of the last n positions asked for
     iter_count: torch.Tensor  # (B, T) passes each token got
+    passes: list[torch.Tensor]  # per pass, its final hidden states (B, T, H) after the final
+    # norm: h1 for every token, h2 where a token got pass 2 (zero elsewhere), ...
     continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
     hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, norm]
 
@@ -493,15 +499,6 @@ def hard_first(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = int(active.sum(1).max())
     idx = torch.argsort((~active).int(), dim=1, stable=True)[:, :n]  # (B, T_d) actives first
     return idx, active.gather(1, idx)
-
-
-def add_logit_residual(logits: torch.Tensor, idx: torch.Tensor, z: torch.Tensor) -> None:
-    """The logit residual: logits[b, idx[b, j]] += z[b, j] for logits (B, T, V), idx (B, T_d),
-    z (B, T_d, V) (zero at padding). In place: no op of the graph saved these logits (top-k and
-    indexing keep only indices). Rows of the flat (B*T, V) view are b*T + t."""
-    B, T, V = logits.shape
-    rows = torch.arange(B, device=idx.device)[:, None] * T  # (B, 1)
-    logits.view(B * T, V).index_add_(0, (idx + rows).flatten(), z.flatten(0, 1))
 
 
 class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
@@ -555,14 +552,35 @@ class TaH(nn.Module):
                               mode="sum")  # (n, H) for the n = prod(...) tokens
         return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
-    def head_topk(self, h: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, ...]:
-        """Top-k values and ids (B, T, k) of lm_head(h) for hidden states h (B, T, H), made
-        `chunk` rows at a time: no (B, T, V) tensor."""
+    def head_topk(self, h: torch.Tensor, k: int, z: torch.Tensor | None = None,
+                  chunk: int = 256) -> tuple[torch.Tensor, ...]:
+        """Top-k values and ids (B, T, k) of the logits lm_head(h) of hidden states h (B, T, H),
+        made `chunk` rows at a time: no (B, T, V) tensor. The last n positions' come from z
+        (B, n, V), their logits, where the caller has made those already."""
         B, T, H = h.shape
+        n = 0 if z is None else z.shape[1]
         tops = [self.lm_head(rows).topk(k, dim=-1)  # (chunk, V) logits, then only (chunk, k)
-                for rows in h.reshape(B * T, H).split(chunk)]
-        values, ids = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
-        return values.view(B, T, k), ids.view(B, T, k)
+                for rows in h[:, :T - n].reshape(-1, H).split(chunk)]
+        values = torch.cat([t.values for t in tops]).view(B, T - n, k)
+        ids = torch.cat([t.indices for t in tops]).view(B, T - n, k)
+        if n:
+            values, ids = (torch.cat(pair, 1) for pair in zip((values, ids), z.topk(k, dim=-1)))
+        return values, ids
+
+    def add_logit_residual(self, z: torch.Tensor, out: Output, start: int) -> torch.Tensor:
+        """The logit residual, in place: z (B, n, V) holds pass 1's logits z1 of positions
+        start..start+n-1; adds z_d = lm_head(h_d) of each later pass d where a token got it (only
+        there: z_d of every position would double the head's cost). Returns z."""
+        for d, h in enumerate(out.passes[1:], start=2):
+            b, t = (out.iter_count[:, start:start + z.shape[1]] >= d).nonzero(as_tuple=True)
+            z.index_put_((b, t), self.lm_head(h[b, start + t]), accumulate=True)  # z_d (n_d, V)
+        return z
+
+    def final_logits(self, out: Output, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The final logits (B, end - start, V) of positions start..end-1, made from the passes'
+        hidden states: z1 = lm_head(h1), plus the logit residual. A training step makes its
+        logits this way, a chunk of positions at a time, instead of holding all (B, T, V)."""
+        return self.add_logit_residual(self.lm_head(out.passes[0][:, start:end]), out, start)
 
     def _pass(self, x: torch.Tensor, keys: Keys, keep: set[int]):
         """Runs every layer at one depth over the tokens x (B, T_d, H), whose keys, mask and
@@ -585,8 +603,9 @@ class TaH(nn.Module):
                 output_hidden_states: bool = False, logits: str = "all") -> Output:
         """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
         (False = padding); positions (B, T) default to the count of real tokens before each.
-        logits="last" returns only the last position's logits (B, 1, V) and never holds all
-        (B, T, V) of them: the top-k the decider and soft token need come in chunks."""
+        `logits` names the positions whose final logits the Output holds: "all" (B, T, V),
+        "last" (B, 1, V: what generation samples from) or "none" (a training step makes them in
+        chunks with `final_logits`). No other (B, T, V) tensor is made."""
         B, T = input_ids.shape
         L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
@@ -599,8 +618,9 @@ class TaH(nn.Module):
         if named and policy not in allowed:
             raise ValueError(f"policy {policy!r}: use 'standard', 'always', a (B, T) tensor of "
                              "passes, or 'decider' with a model that has one")
-        if logits not in ("all", "last"):
-            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
+        n = dict(all=T, last=1, none=0).get(logits)  # the last n positions get their logits
+        if n is None:
+            raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
         use_decider = named and self.decider is not None  # its logit comes with every named policy
         keep = set(range(L + 1)) if output_hidden_states else set()
         if use_decider:
@@ -614,18 +634,16 @@ class TaH(nn.Module):
         x, kept = self._pass(x, keys.at_depth(1, positions, valid, slots), keep)
         h = kept[L] = self.model.norm(x)  # (B, T, H); index L = the final norm, as the decider says
         hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
-        # all (B, T, V) logits when asked for, when they are one row anyway, or for a third pass
-        # (it re-decides on the running sums z1 + z2, which are then kept whole)
-        full = logits == "all" or T == 1 or max_iter > 2
-        final = self.lm_head(h) if full else self.lm_head(h[:, -1:])  # z1 (B, T or 1, V)
-        need = [self.tah.decider_topk] * use_decider
-        need += [self.tah.input_topk] * (not full and not (named and policy == "standard"))
-        top = (final.topk(max(need)) if full else self.head_topk(h, max(need))) if need else None
+        z = self.lm_head(h[:, T - n:])  # z1 (B, n, V) of the positions whose logits are returned
 
-        # decide: the decider (or the policy) picks the hard tokens
+        # decide: the decider (or the policy) picks the hard tokens. The decider reads pass 1's
+        # top-k logits at every position, which the soft tokens below then reuse: k covers both
+        top = self.head_topk(h, max(self.tah.decider_topk, self.tah.input_topk), z) \
+            if use_decider else None
         continue_logit = self.decider(kept, top[0]) if use_decider else None
         iter_count = valid.long()
         active = self._decide(policy, 1, continue_logit, threshold, valid)
+        passes = [h]
 
         # pass 2 (and later): only the hard tokens, packed, as soft tokens at their own positions
         for depth in range(2, max_iter + 1):
@@ -633,27 +651,29 @@ class TaH(nn.Module):
                 break
             iter_count = iter_count + active.long()
             idx, q_valid = hard_first(active)  # (B, T_d) each
-            if full:  # the soft token: the top-k of the logits so far, mixed over embeddings
-                x = self.soft_token(final[rows, idx])  # (B, T_d, H)
-            else:  # the same from the chunked top-k of z1 (values, ids), the only logits so far
-                x = self.mix_embeddings(*(t[rows, idx, :self.tah.input_topk] for t in top))
+            # the soft token: the top-k of the logits so far at these tokens (z1, or z1 + z2 + ...
+            # = lm_head(h1 + h2 + ...), the head being linear), mixed over embedding rows
+            if depth == 2 and top is not None:
+                values, ids = (t[rows, idx, :self.tah.input_topk] for t in top)
+            else:
+                values, ids = self.head_topk(sum(p[rows, idx] for p in passes), self.tah.input_topk)
+            x = self.mix_embeddings(values, ids)  # (B, T_d, H)
             view = keys.at_depth(depth, positions[rows, idx], q_valid, slots[rows, idx])
             x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
-            h_d = self.model.norm(x)  # (B, T_d, H)
-            z_in = h_d.masked_fill(~q_valid[..., None], 0.0)  # zero at padding: adds nothing
-            # output: the logit residual, final = z1 + z2 at the hard tokens
-            if full:
-                add_logit_residual(final, idx, self.lm_head(z_in))  # z_d (B, T_d, V)
-            else:  # only the last position's z2, if it iterated (one row of z_in per batch row)
-                at_last = ((idx == T - 1) & q_valid)[..., None]  # (B, T_d, 1)
-                final = final + self.lm_head((z_in * at_last).sum(1, keepdim=True))  # (B, 1, V)
+            h_d = self.model.norm(x).masked_fill(~q_valid[..., None], 0.0)  # (B, T_d, H)
+            passes.append(torch.zeros_like(h).index_put((rows, idx), h_d))  # (B, T, H)
             if depth < max_iter:  # who goes on: decided among this depth's tokens, scattered back
                 sub = policy if named else policy.gather(1, idx)
-                c = self.decider({**kept_d, L: h_d}, final[rows, idx]) if use_decider else None
+                c = self.decider({**kept_d, L: h_d}, self.head_topk(
+                    sum(p[rows, idx] for p in passes), self.tah.decider_topk)[0]) \
+                    if use_decider else None
                 go = self._decide(sub, depth, c, threshold, q_valid)
                 active = torch.zeros_like(active).scatter(1, idx, go)
-        return Output(final[:, -1:] if logits == "last" else final, iter_count, continue_logit,
-                      hidden)
+
+        # output: the logit residual, z1 + z2 at the hard tokens, for the positions returned
+        out = Output(None, iter_count, passes, continue_logit, hidden)
+        out.logits = self.add_logit_residual(z, out, start=T - n) if n else None
+        return out
 
     def _decide(self, policy, depth, continue_logit, threshold, valid):
         """Which tokens (B, T) get pass depth+1: by the labels, nobody, everybody, or the decider

@@ -69,7 +69,7 @@ SIZES["toy"] = dict(  # tuned for a CPU and minutes
 POLICIES = ["standard", "always", "oracle", "decider"]
 OPENR1_MAX_TOKENS = 8192  # the authors drop a problem whose chosen generation is this long
 PRUNE_ROWS, PRUNE_LEN = 16, 4096  # the authors' pruning calibration: 16 held-out rows, 4096 tokens
-CE_CHUNK = 1024  # positions per fp32 cross-entropy chunk (chunked_ce)
+CE_CHUNK = 1024  # positions whose logits a step makes at a time (chunked_ce), read at call time
 
 def fail(message) -> None:
     """A mistake the user can mend: one line `error: what was wrong; what to do`, exit code 2."""
@@ -262,7 +262,7 @@ def compute_labels(run, reference, data: dict, rows) -> torch.Tensor:
         for i in range(0, len(rows), bs):
             b = make_batch(data, rows[i:i + bs], device=run.device)
             with run.amp():
-                pred = ref(b["ids"], "standard", valid=b["valid"]).logits.argmax(-1)
+                pred = argmax(ref, ref(b["ids"], "standard", valid=b["valid"], logits="none"))
             response = torch.arange(pred.shape[1], device=pred.device) >= b["start"][:, None]
             lab = oracle_labels(pred, b["ids"], (b["tgt"] >= 0) & response).cpu()
             for r, (a, e) in enumerate(spans(data, rows[i:i + bs])):
@@ -285,25 +285,37 @@ def rows_with_hard_tokens(run, data: dict, labels, rows) -> torch.Tensor:
             (", kept" if keep else ", left out of stages 1 and 2"))
     return rows if keep else rows[hard]
 
-def chunked_ce(logits: torch.Tensor, tgt: torch.Tensor, chunk: int = CE_CHUNK) -> torch.Tensor:
-    """Summed cross-entropy, upcast to fp32 one chunk of positions at a time; in training each
-    chunk is recomputed in backward, so no fp32 (T, V) buffer ever lives."""
-    def ce(lg, y):
-        return F.cross_entropy(lg.float().flatten(0, 1), y.flatten(), reduction="sum")
-    run = partial(checkpoint, ce, use_reentrant=False) if logits.requires_grad else ce
-    return sum(run(logits[:, i:i + chunk], tgt[:, i:i + chunk])
-               for i in range(0, tgt.shape[1], chunk))
+def chunked_ce(model, out: tah.Output, tgt: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the final logits against tgt (B, T), CE_CHUNK positions at a time:
+    each chunk's logits (z1, and z2 where a token iterated) are made from the passes' hidden
+    states, upcast to fp32 and dropped; in training each chunk is made again in backward. No
+    (T, V) tensor ever lives, neither the logits nor their gradients."""
+    chunk = CE_CHUNK
+    def ce(s: int) -> torch.Tensor:
+        z = model.final_logits(out, s, s + chunk).float()  # (B, chunk, V)
+        return F.cross_entropy(z.flatten(0, 1), tgt[:, s:s + chunk].flatten(), reduction="sum")
+    run = partial(checkpoint, ce, use_reentrant=False) if out.passes[0].requires_grad else ce
+    return sum(run(s) for s in range(0, tgt.shape[1], chunk))
+
+def argmax(model, out: tah.Output, first: bool = False) -> torch.Tensor:
+    """The argmax (B, T) of the final logits of `out`, or of pass 1's (first=True), made
+    CE_CHUNK positions at a time."""
+    def logits(s: int, e: int) -> torch.Tensor:
+        return model.lm_head(out.passes[0][:, s:e]) if first else model.final_logits(out, s, e)
+    return torch.cat([logits(s, s + CE_CHUNK).argmax(-1)
+                      for s in range(0, out.iter_count.shape[1], CE_CHUNK)], 1)
 
 def lm_loss(model, b: dict, policy: str):
     """Next-token CE over the scored tokens under `policy` ("oracle" = the labels in b)."""
-    out = model(b["ids"], b["passes"] if policy == "oracle" else policy, valid=b["valid"])
-    return chunked_ce(out.logits, b["tgt"]), int((b["tgt"] >= 0).sum())
+    out = model(b["ids"], b["passes"] if policy == "oracle" else policy, valid=b["valid"],
+                logits="none")
+    return chunked_ce(model, out, b["tgt"]), int((b["tgt"] >= 0).sum())
 
 def decider_loss(model, b: dict, pos_weight: float):
     """BCE of the decider's pass-1 logit against the oracle labels, averaged over each row's real
     tokens (prompt positions are negatives) and summed over rows; train_step divides by the rows
     of the step: every row weighs the same, as in the authors' loss. Pass 2 never runs."""
-    logit = model(b["ids"], "standard", valid=b["valid"], logits="last").continue_logit.float()
+    logit = model(b["ids"], "standard", valid=b["valid"], logits="none").continue_logit.float()
     bce = F.binary_cross_entropy_with_logits(logit, (b["passes"] > 1).float(), reduction="none",
                                              pos_weight=logit.new_tensor(pos_weight))
     return ((bce * b["valid"]).sum(1) / b["valid"].sum(1).clamp(min=1)).sum(), len(bce)
@@ -584,13 +596,13 @@ def evaluate(run, model, data: dict, labels, policy: str) -> dict:
     s, held, bs = torch.zeros(14, dtype=torch.float64), data["held"], run.args.micro_batch
     for i in range(run.rank * bs, len(held), run.world * bs):  # this process's micro-batches
         b = make_batch(data, held[i:i + bs], labels, run.device)
-        with run.amp():
+        with run.amp():  # pass 1's argmax from the same forward: pass 1 never reads pass 2
             out = model(b["ids"], b["passes"] if policy == "oracle" else policy,
-                        valid=b["valid"], threshold=run.args.threshold)
-            first = out if policy == "standard" else model(b["ids"], "standard", valid=b["valid"])
+                        valid=b["valid"], threshold=run.args.threshold, logits="none")
+            ok, ok1 = (argmax(model, out, first) == b["tgt"] for first in (False, True))
+            loss = chunked_ce(model, out, b["tgt"])
         scored, it = b["tgt"] >= 0, out.iter_count > 1
-        ok, ok1 = out.logits.argmax(-1) == b["tgt"], first.logits.argmax(-1) == b["tgt"]
-        counts = [chunked_ce(out.logits, b["tgt"]), ok.sum(), scored.sum(), (it & scored).sum(),
+        counts = [loss, ok.sum(), scored.sum(), (it & scored).sum(),
                   (it & b["valid"]).sum(), b["valid"].sum()] + \
             [x[b["kind"] == k].sum() for k in (1, 2) for x in (ok, scored, ok & ~ok1, ok1 & ~ok)]
         s += torch.tensor([float(c) for c in counts], dtype=torch.float64)

@@ -317,10 +317,11 @@ def test_last_logits_without_full_logits(kind, s, B, T):
         close(last.continue_logit, full.continue_logit)
     h = torch.randn(B, T, s.hidden)
     k = min(3, s.vocab)
-    chunked = m.head_topk(h, k, chunk=4)  # the head on 4 rows at a time
     whole = m.lm_head(h).topk(k, dim=-1)
-    assert torch.equal(chunked[1], whole.indices)
-    close(chunked[0], whole.values)
+    for z in (None, m.lm_head(h[:, T - 1:])):  # the last position's logits made already, or not
+        chunked = m.head_topk(h, k, z, chunk=4)  # the head on 4 rows at a time
+        assert torch.equal(chunked[1], whole.indices)
+        close(chunked[0], whole.values)
 
 # ----------------------------------------------------------------------------- passes asked for
 
@@ -460,14 +461,21 @@ def test_hard_first_packs_each_rows_actives_in_order():
     assert (active.gather(1, idx) == q_valid).all()
 
 
-def test_add_logit_residual_adds_at_the_packed_positions_only():
-    logits = torch.zeros(2, 4, 3)
-    idx = torch.tensor([[2, 0], [1, 3]])
-    z = torch.arange(12.0).view(2, 2, 3)
-    tah.add_logit_residual(logits, idx, z)
-    want = torch.zeros(2, 4, 3)
-    want[0, 2], want[0, 0], want[1, 1], want[1, 3] = z[0, 0], z[0, 1], z[1, 0], z[1, 1]
-    assert torch.equal(logits, want)
+def test_add_logit_residual_adds_where_a_token_got_the_pass_only():
+    """z_d = lm_head(h_d) joins z1 at the positions of the window whose iter_count reaches d."""
+    c = tah.Qwen3Config(vocab_size=3, hidden_size=3, intermediate_size=6, num_hidden_layers=1,
+                        num_attention_heads=1, num_key_value_heads=1, head_dim=4,
+                        tie_word_embeddings=False)
+    m = tah.TaH(c)
+    with torch.no_grad():
+        m.lm_head.weight.copy_(torch.eye(3))  # z_d = h_d: what is added is plain to see
+    h2 = torch.arange(24.0).view(2, 4, 3) + 1
+    iter_count = torch.tensor([[1, 2, 1, 2], [2, 2, 1, 0]])
+    out = tah.Output(None, iter_count, [torch.zeros(2, 4, 3), h2])
+    z = m.add_logit_residual(torch.zeros(2, 2, 3), out, start=1)  # the window of positions 1, 2
+    assert torch.equal(z, torch.stack([h2[0, 1:3] * torch.tensor([[1.0], [0.0]]),
+                                       h2[1, 1:3] * torch.tensor([[1.0], [0.0]])]))
+    assert torch.equal(m.final_logits(out), h2 * (iter_count >= 2)[..., None])
 
 
 def test_decider_initialisation_is_the_authors():
