@@ -281,11 +281,12 @@ def test_pipeline_figure_shows_the_shapes_of_a_real_forward():
     figures = _figures_module()
     s = figures.pipeline_shapes(TOY)
     model, tok = tah.load(TOY), tah.load_tokenizer(TOY)
-    ids = torch.tensor([tok.encode(figures.TRACE_ROW)])
+    ids = torch.tensor([tok.encode(figures.typical_row(TOY))])
     with torch.no_grad():
         out = model(ids, "decider")
     n = int((out.iter_count == 2).sum())
     assert 0 < n < ids.shape[1] and s["T_d"] == s["active"] == n  # one row: T_d is its actives
+    assert 0.15 < n / ids.shape[1] < 0.35  # typical: about a quarter iterate, as chapter 0 says
     assert s["logits"] == tuple(out.logits.shape) == (1, ids.shape[1], model.config.vocab_size)
     svg = (TUTORIAL / "figures" / "pipeline.svg").read_text(encoding="utf-8")
     for step in ("pass 1", "decider", "hard_first", "soft_token", "pass 2", "add_logit_residual"):

@@ -2,8 +2,8 @@
 
   duo_mask.svg     the duo-causal mask of the worked example (5 positions, positions 1 and 3 take
                    pass 2): which (position, pass) query may attend to which (position, pass) key
-  pipeline.svg     one whole TaH forward of the trained toy model on one row, with the shape of
-                   every tensor: pass 1, the decider, the gather, pass 2, the logit residual
+  pipeline.svg     one whole TaH forward of the trained toy model on a typical row, with the shape
+                   of every tensor: pass 1, the decider, the gather, pass 2, the logit residual
   token_trace.svg  one unseen row of the toy task read by the trained toy model (teacher-forced,
                    with its own decider and threshold): each token coloured by the passes spent
                    predicting it, each answer marked right or wrong
@@ -27,10 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tah  # noqa: E402  (the repository's model, not an installed copy)
+import train  # noqa: E402  (its toy data; importing it runs nothing)
 
 TOY = ROOT / "tests" / "fixtures" / "toy-tah"  # `python train.py` (defaults, seed 0): its tah/
-# A row of the toy task that no training step saw: train.toy_data(300, 0, seed=2), row 124 (a table
-# `k>v`, the separator, then 16 queries `marker letter answer`; `2:` asks for table[table[x]]).
+# The token trace's row, one that no training step saw: train.toy_data(300, 0, seed=2), row 124 (a
+# table `k>v`, the separator, then 16 queries `marker letter answer`; `2:` asks for
+# table[table[x]]). Picked for what chapter 7 points out in it: 2-hop queries whose letter maps to
+# itself (2: E, 2: J) and a first answer that pass 1 gets alone (2: H, with H>D and D>H). So fewer
+# of its tokens iterate than on a typical row; the pipeline figure reads a typical one instead.
 TRACE_ROW = ("J>J A>F H>D C>I I>G F>C E>E D>H G>A B>B | 2: H H 1: B B 2: I A 2: E E 2: D D 1: D H "
              "2: E E 2: I A 1: G A 1: G A 1: B B 2: G F 1: B B 1: F C 1: I G 2: J J")
 
@@ -122,8 +126,22 @@ def duo_mask_svg() -> str:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def pipeline_shapes(toy: Path = TOY, row: str = TRACE_ROW) -> dict:
-    """The sizes of one TaH forward of the toy model on one row, read off the run itself."""
+def typical_row(toy: Path = TOY, n: int = 200) -> str:
+    """A typical row for the pipeline: of n rows that no training step saw (train.toy_data(n, 0,
+    seed=1), the fresh rows of chapters 0 and 5), the first on which the decider sends the median
+    number of tokens through pass 2."""
+    model, data = tah.load(toy), train.toy_data(n, 0, seed=1)
+    ids = data["ids"].long().view(n, -1)  # (n, 59)
+    with torch.no_grad():
+        second = (model(ids, "decider").iter_count == 2).sum(1)  # (n,) tokens that iterate
+    row = int((second == second.median()).nonzero()[0])
+    return " ".join(train.TOY_VOCAB[i] for i in ids[row].tolist())
+
+
+def pipeline_shapes(toy: Path = TOY, row: str | None = None) -> dict:
+    """The sizes of one TaH forward of the toy model on one row (default: typical_row), read off
+    the run itself."""
+    row = typical_row(toy) if row is None else row
     model, tok = tah.load(toy), tah.load_tokenizer(toy)
     ids = torch.tensor([tok.encode(row)])
     with torch.no_grad():
@@ -157,7 +175,7 @@ def pipeline_steps(s: dict) -> list[tuple[str, str, str]]:
 def pipeline_svg(toy: Path = TOY) -> str:
     steps = pipeline_steps(pipeline_shapes(toy))
     width, left, box_w, box_h, gap = 820, 20, 440, 30, 16
-    body = [text(width // 2, 22, "one TaH forward of the trained toy model on one row, with shapes", 13)]
+    body = [text(width // 2, 22, "one TaH forward of the trained toy model on a typical row, with shapes", 13)]
     y = 40
     for i, (fill, what, shape) in enumerate(steps):
         body.append(rect(left, y, box_w, box_h, fill, stroke=INK))
@@ -176,7 +194,9 @@ def pipeline_svg(toy: Path = TOY) -> str:
     y += len(legend) * 22 + 4
     body.append(text(left, y + 12, "B batch, T tokens, H hidden size, V vocabulary, T_d the most tokens "
                      "iterating in any row", 11, anchor="start"))
-    return svg(width, y + 24, body)
+    body.append(text(left, y + 30, "the row: of 200 fresh rows (train.toy_data(200, 0, seed=1)), the "
+                     "first with the median count of tokens that iterate", 11, anchor="start"))
+    return svg(width, y + 42, body)
 
 
 # ----------------------------------------------------------------------------- the token trace
