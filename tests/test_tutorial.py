@@ -281,11 +281,12 @@ def test_pipeline_figure_shows_the_shapes_of_a_real_forward():
     figures = _figures_module()
     s = figures.pipeline_shapes(TOY)
     model, tok = tah.load(TOY), tah.load_tokenizer(TOY)
-    ids = torch.tensor([tok.encode(figures.TRACE_ROW)])
+    ids = torch.tensor([tok.encode(figures.typical_row(TOY))])
     with torch.no_grad():
         out = model(ids, "decider")
     n = int((out.iter_count == 2).sum())
     assert 0 < n < ids.shape[1] and s["T_d"] == s["active"] == n  # one row: T_d is its actives
+    assert 0.15 < n / ids.shape[1] < 0.35  # typical: about a quarter iterate, as chapter 0 says
     assert s["logits"] == tuple(out.logits.shape) == (1, ids.shape[1], model.config.vocab_size)
     svg = (TUTORIAL / "figures" / "pipeline.svg").read_text(encoding="utf-8")
     for step in ("pass 1", "decider", "hard_first", "soft_token", "pass 2", "add_logit_residual"):
@@ -322,3 +323,46 @@ def test_token_trace_is_the_trained_toy_and_its_legend_is_what_is_drawn():
     assert ("right (final argmax)" in svg) == (True in marks)
     assert ("gets wrong" in svg) == (False in marks)
     assert svg.count("✗") == (False in marks) + sum(not r for *_, r in answers)
+
+
+def test_hard_first_figure_is_what_hard_first_makes():
+    figures = _figures_module()
+    valid, active, idx, q_valid = figures.hard_first_example()
+    assert torch.equal(idx, tah.hard_first(active)[0]) and not (active & ~valid).any()
+    for b in range(len(active)):  # each row: its actives first, in order, then fillers
+        actives = active[b].nonzero().flatten().tolist()
+        assert idx[b, :len(actives)].tolist() == actives and q_valid[b].tolist() == \
+            [True] * len(actives) + [False] * (idx.shape[1] - len(actives))
+    assert (~q_valid).any() and (~valid.gather(1, idx) & ~q_valid).any()  # a filler is padding
+    svg = (TUTORIAL / "figures" / "hard_first.svg").read_text(encoding="utf-8")
+    for b in range(len(active)):
+        assert " ".join("TF"[not v] for v in q_valid[b].tolist()) in svg
+
+
+def test_keys_cache_figure_shows_the_real_layout():
+    figures = _figures_module()
+    keys, mask2 = figures.keys_example(TOY)
+    assert sorted(keys.meta) == [1, 2] and sorted(keys.kv) == [(0, 1), (0, 2)]
+    assert keys.meta[2][0].tolist() == [[1, 3], [3, 0]] and keys.meta[2][2].tolist() == \
+        [[True, True], [True, False]]  # chapter 4's gathered positions; row 1's filler
+    assert mask2.shape == (2, 2, 5 + 2)
+    cache, reads, end = figures.cache_example(TOY)
+    S = cache.max_len
+    assert cache.valid[0, :S].tolist() == [True] * end + [False] * (S - end)
+    assert cache.valid[0, S:].tolist() == [p == 2 for p in (1, 2, 1, 2)] + [False] * (S - end)
+    assert reads == {1: end, 2: S + end}  # the lower depth whole, its own depth up to the newest
+    svg = (TUTORIAL / "figures" / "keys_cache.svg").read_text(encoding="utf-8")
+    assert f"k[:, :, :{S + end}]" in svg and str(tuple(cache.k[0].shape)) in svg
+
+
+def test_training_stages_figure_counts_the_toy_parts():
+    figures = _figures_module()
+    counts = figures.parameter_counts(TOY)
+    model = tah.load(TOY)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert counts["lora"] == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) > 0
+    svg = (TUTORIAL / "figures" / "training_stages.svg").read_text(encoding="utf-8")
+    for n in counts.values():
+        assert f"({n:,})" in svg
+    trains = [{part for part, role in stage["parts"].items() if role == "trains"} for stage in figures.STAGES]
+    assert trains == [{"backbone", "lora"}, {"decider"}]  # chapter 6: stage 1, then stage 2

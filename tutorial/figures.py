@@ -2,11 +2,17 @@
 
   duo_mask.svg     the duo-causal mask of the worked example (5 positions, positions 1 and 3 take
                    pass 2): which (position, pass) query may attend to which (position, pass) key
-  pipeline.svg     one whole TaH forward of the trained toy model on one row, with the shape of
-                   every tensor: pass 1, the decider, the gather, pass 2, the logit residual
+  pipeline.svg     one whole TaH forward of the trained toy model on a typical row, with the shape
+                   of every tensor: pass 1, the decider, the gather, pass 2, the logit residual
   token_trace.svg  one unseen row of the toy task read by the trained toy model (teacher-forced,
                    with its own decider and threshold): each token coloured by the passes spent
                    predicting it, each answer marked right or wrong
+  hard_first.svg   tah.hard_first on a batch of three rows: each row's active tokens packed first,
+                   shorter rows filled up with inactive tokens (fillers, q_valid False)
+  keys_cache.svg   where the keys live: what tah.Keys records per depth in one forward (chapter 4's
+                   batch), and the depth-major tah.KVCache of generation with its valid mask
+  training_stages.svg  the two training stages: who iterates, what trains, what is frozen, which
+                   labels and which loss (train.stage1, train.stage2), with the toy's parameters
 
 The SVG is built as a string with integer coordinates, no timestamps and no randomness, so the
 same code and checkpoint give the same bytes; tests/test_tutorial.py checks that the committed
@@ -19,6 +25,7 @@ files are exactly what this script writes.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -27,10 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tah  # noqa: E402  (the repository's model, not an installed copy)
+import train  # noqa: E402  (its toy data; importing it runs nothing)
 
 TOY = ROOT / "tests" / "fixtures" / "toy-tah"  # `python train.py` (defaults, seed 0): its tah/
-# A row of the toy task that no training step saw: train.toy_data(300, 0, seed=2), row 124 (a table
-# `k>v`, the separator, then 16 queries `marker letter answer`; `2:` asks for table[table[x]]).
+# The token trace's row, one that no training step saw: train.toy_data(300, 0, seed=2), row 124 (a
+# table `k>v`, the separator, then 16 queries `marker letter answer`; `2:` asks for
+# table[table[x]]). Picked for what chapter 7 points out in it: 2-hop queries whose letter maps to
+# itself (2: E, 2: J) and a first answer that pass 1 gets alone (2: H, with H>D and D>H). So fewer
+# of its tokens iterate than on a typical row; the pipeline figure reads a typical one instead.
 TRACE_ROW = ("J>J A>F H>D C>I I>G F>C E>E D>H G>A B>B | 2: H H 1: B B 2: I A 2: E E 2: D D 1: D H "
              "2: E E 2: I A 1: G A 1: G A 1: B B 2: G F 1: B B 1: F C 1: I G 2: J J")
 
@@ -38,6 +49,7 @@ ATTEND, BLOCKED, MISSING = "#2b6cb0", "#ffffff", "#d4d4d4"  # mask cell colours
 ONE_PASS, TWO_PASSES = "#edf2f7", "#f6ad55"  # trace box colours
 RIGHT, WRONG = "#2f855a", "#c53030"  # answer marks
 PASS1, DECIDE, PASS2 = "#ebf4ff", "#fefcbf", "#feebc8"  # pipeline box colours
+TRAINS, FROZEN = "#c6f6d5", "#e2e8f0"  # training-stage box colours
 HIGHLIGHT, INK, GRID = "#c05621", "#1a202c", "#a0aec0"
 FONT = 'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace"'
 
@@ -122,8 +134,22 @@ def duo_mask_svg() -> str:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def pipeline_shapes(toy: Path = TOY, row: str = TRACE_ROW) -> dict:
-    """The sizes of one TaH forward of the toy model on one row, read off the run itself."""
+def typical_row(toy: Path = TOY, n: int = 200) -> str:
+    """A typical row for the pipeline: of n rows that no training step saw (train.toy_data(n, 0,
+    seed=1), the fresh rows of chapters 0 and 5), the first on which the decider sends the median
+    number of tokens through pass 2."""
+    model, data = tah.load(toy), train.toy_data(n, 0, seed=1)
+    ids = data["ids"].long().view(n, -1)  # (n, 59)
+    with torch.no_grad():
+        second = (model(ids, "decider").iter_count == 2).sum(1)  # (n,) tokens that iterate
+    row = int((second == second.median()).nonzero()[0])
+    return " ".join(train.TOY_VOCAB[i] for i in ids[row].tolist())
+
+
+def pipeline_shapes(toy: Path = TOY, row: str | None = None) -> dict:
+    """The sizes of one TaH forward of the toy model on one row (default: typical_row), read off
+    the run itself."""
+    row = typical_row(toy) if row is None else row
     model, tok = tah.load(toy), tah.load_tokenizer(toy)
     ids = torch.tensor([tok.encode(row)])
     with torch.no_grad():
@@ -157,7 +183,7 @@ def pipeline_steps(s: dict) -> list[tuple[str, str, str]]:
 def pipeline_svg(toy: Path = TOY) -> str:
     steps = pipeline_steps(pipeline_shapes(toy))
     width, left, box_w, box_h, gap = 820, 20, 440, 30, 16
-    body = [text(width // 2, 22, "one TaH forward of the trained toy model on one row, with shapes", 13)]
+    body = [text(width // 2, 22, "one TaH forward of the trained toy model on a typical row, with shapes", 13)]
     y = 40
     for i, (fill, what, shape) in enumerate(steps):
         body.append(rect(left, y, box_w, box_h, fill, stroke=INK))
@@ -176,7 +202,9 @@ def pipeline_svg(toy: Path = TOY) -> str:
     y += len(legend) * 22 + 4
     body.append(text(left, y + 12, "B batch, T tokens, H hidden size, V vocabulary, T_d the most tokens "
                      "iterating in any row", 11, anchor="start"))
-    return svg(width, y + 24, body)
+    body.append(text(left, y + 30, "the row: of 200 fresh rows (train.toy_data(200, 0, seed=1)), the "
+                     "first with the median count of tokens that iterate", 11, anchor="start"))
+    return svg(width, y + 42, body)
 
 
 # ----------------------------------------------------------------------------- the token trace
@@ -239,8 +267,269 @@ def token_trace_svg(toy: Path = TOY) -> str:
     return svg(width, y + 24, body)
 
 
+# ----------------------------------------------------------------------------- hard_first
+
+
+def hard_first_example() -> tuple[torch.Tensor, ...]:
+    """A batch of three rows of 8 tokens, row 1 left-padded by two: which tokens are real (valid),
+    which take pass 2 (active: real and chosen), and what tah.hard_first makes of them."""
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    valid[1, :2] = False  # row 1 is left-padded by two tokens
+    chosen = torch.zeros(3, 8, dtype=torch.bool)
+    chosen[0, [1, 4, 6]] = chosen[1, 5] = chosen[2, [3, 7]] = True
+    active = chosen & valid  # as TaH._decide makes it: padding never iterates
+    idx, q_valid = tah.hard_first(active)  # (B, T_d) each
+    return valid, active, idx, q_valid
+
+
+def hard_first_svg() -> str:
+    valid, active, idx, q_valid = hard_first_example()
+    (B, T), T_d, cell = active.shape, idx.shape[1], 34
+    left, top = 70, 76
+    right = left + T * cell + 150  # the packed grid
+    width = right + T_d * cell + 110
+    body = [text(width // 2, 22, "hard_first: each row's active tokens first, the shorter rows filled up", 13),
+            text(left + T * cell // 2, top - 28, "active (B, T): who takes pass 2", 12),
+            text(right + T_d * cell // 2, top - 28, "idx (B, T_d)", 12),
+            text(right + T_d * cell + 50, top - 28, "q_valid", 12)]
+    for t in range(T):
+        body.append(text(left + t * cell + cell // 2, top - 8, f"t={t}", 10))
+    for b in range(B):
+        y = top + b * cell
+        body.append(text(left - 10, y + 22, f"row {b}", 12, anchor="end"))
+        for t in range(T):
+            fill = TWO_PASSES if active[b, t] else ONE_PASS if valid[b, t] else MISSING
+            body.append(rect(left + t * cell, y, cell, cell, fill, stroke=INK))
+            body.append(text(left + t * cell + cell // 2, y + 22, str(t) if valid[b, t] else "pad", 12))
+        for j in range(T_d):
+            filler = not q_valid[b, j]
+            body.append(rect(right + j * cell, y, cell, cell, MISSING if filler else TWO_PASSES, stroke=INK,
+                             extra=' stroke-dasharray="3 3"' if filler else ""))
+            body.append(text(right + j * cell + cell // 2, y + 22, str(int(idx[b, j])), 12))
+        flags = " ".join("TF"[not v] for v in q_valid[b].tolist())  # q_valid of the row
+        body.append(text(right + T_d * cell + 50, y + 22, flags, 12))
+    mid_y, x1, x2 = top + B * cell // 2, left + T * cell + 14, right - 14
+    body.append(f'<line x1="{x1}" y1="{mid_y}" x2="{x2}" y2="{mid_y}" stroke="{INK}" stroke-width="2"/>')
+    body.append(f'<path d="M{x2 - 8},{mid_y - 5} L{x2},{mid_y} L{x2 - 8},{mid_y + 5}" fill="none" '
+                f'stroke="{INK}" stroke-width="2"/>')
+    body.append(text((x1 + x2) // 2, mid_y - 8, "hard_first", 12))
+    y = top + B * cell + 28
+    legend = [(TWO_PASSES, "", "active: a real token that takes pass 2"),
+              (ONE_PASS, "", "inactive: a real token that does not"),
+              (MISSING, "", "padding (valid False): never active"),
+              (MISSING, ' stroke-dasharray="3 3"', "filler (q_valid False): computed and thrown away")]
+    for i, (fill, dash, label) in enumerate(legend):
+        body.append(rect(20, y + i * 22, 16, 16, fill, stroke=INK, extra=dash))
+        body.append(text(44, y + i * 22 + 13, label, 12, anchor="start"))
+    y += len(legend) * 22 + 6
+    most = int(active.sum(1).argmax())
+    notes = [f"idx: a stable argsort of ~active, cut to its first T_d = {T_d} columns (row {most} has the "
+             "most actives);",
+             "each row's actives come first, in their order, then its first inactive tokens: the fillers,",
+             "padding or real tokens, which pass 2 computes and throws away (q_valid says which)"]
+    for i, note in enumerate(notes):
+        body.append(text(20, y + 12 + i * 18, note, 11, anchor="start"))
+    return svg(width, y + 12 + len(notes) * 18 + 8, body)
+
+
+# ----------------------------------------------------------------------------- Keys and KVCache
+
+
+def keys_example(toy: Path = TOY) -> tuple[tah.Keys, torch.Tensor]:
+    """Chapter 4's batch on the toy model: two rows of five tokens, row 1 left-padded by one, and
+    positions 1 and 3 of row 0 and the last token of row 1 taking pass 2. Both passes' layers run
+    through one tah.Keys without a cache, in TaH.forward's order; returns it and pass 2's mask."""
+    model = tah.load(toy)
+    B, T = 2, 5
+    ids = torch.arange(B * T).view(B, T) + train.LETTER  # any tokens: the layout does not care
+    valid = torch.tensor([[True] * 5, [False] + [True] * 4])
+    active = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    positions, slots = (valid.cumsum(1) - 1).clamp(min=0), torch.arange(T).expand(B, T)
+    keys, rows = tah.Keys(model.config, None, end=T), torch.arange(B)[:, None]
+    idx, q_valid = tah.hard_first(active)
+
+    def layers(x, view, lora):  # every layer at one depth; each hands its keys to Keys.update
+        for layer in model.model.layers:
+            x = layer(x, view, lora)
+        return x
+
+    with torch.no_grad():
+        x = layers(model.model.embed_tokens(ids), keys.at_depth(1, positions, valid, slots), False)
+        z1 = model.lm_head(model.model.norm(x))  # (B, T, V)
+        view2 = keys.at_depth(2, positions.gather(1, idx), q_valid, slots.gather(1, idx))
+        layers(model.soft_token(z1[rows, idx]), view2, True)
+    return keys, view2.mask
+
+
+def cache_example(toy: Path = TOY, max_len: int = 6, passes: tuple[int, ...] = (1, 2, 1, 2)):
+    """The toy model decoding len(passes) tokens one at a time into a tah.KVCache of max_len slots,
+    token t taking passes[t] passes. Returns the cache and, per depth, how many entries a query of
+    that depth at the newest slot reads (the width of its mask from tah.Keys, on a copy), and the
+    number of tokens decoded."""
+    model = tah.load(toy)
+    cache, end = tah.KVCache(model, batch_size=1, max_len=max_len), len(passes)
+    ids = torch.arange(end)[None] + train.LETTER  # (1, end): any tokens
+    with torch.no_grad():
+        for t in range(end):
+            model(ids[:, t:t + 1], torch.tensor([[passes[t]]]), cache=cache, start=t)
+    newest = torch.tensor([[end - 1]])  # slot and position of the newest token
+    reads = {d: tah.Keys(model.config, copy.deepcopy(cache), end).at_depth(
+        d, newest, torch.tensor([[True]]), newest).mask.shape[-1] for d in (1, 2)}
+    return cache, reads, end
+
+
+def keys_cache_svg(toy: Path = TOY) -> str:
+    keys, mask2 = keys_example(toy)
+    cache, reads, end = cache_example(toy)
+    width, left, cell = 800, 90, 40
+    body = [text(width // 2, 22, "where the keys live: tah.Keys in one forward, tah.KVCache in generation", 13),
+            text(20, 50, "one forward without a cache (training; chapter 4's batch): what Keys records "
+                 "per depth", 12, anchor="start"),
+            text(20, 68, "(the number in each entry is its position)", 11, anchor="start")]
+    top, x = 118, left
+    for depth, (pos, _, ok) in sorted(keys.meta.items()):  # depth-major, as the mask's columns
+        n = pos.shape[1]
+        body.append(text(x + n * cell // 2, top - 24, f"Keys.meta[{depth}]", 11))
+        shape = f"(B, {'T' if depth == 1 else 'T_d'}) = {tuple(pos.shape)}"
+        body.append(text(x + n * cell // 2, top - 8, shape, 11))
+        for b in range(pos.shape[0]):
+            y = top + b * cell
+            for j in range(n):
+                real = bool(ok[b, j])
+                fill = (ONE_PASS if depth == 1 else TWO_PASSES) if real else MISSING
+                dash = "" if real or depth == 1 else ' stroke-dasharray="3 3"'
+                label = str(int(pos[b, j])) if real else "pad" if depth == 1 else "fill"
+                body.append(rect(x + j * cell, y, cell, cell, fill, stroke=INK, extra=dash))
+                body.append(text(x + j * cell + cell // 2, y + 25, label, 12))
+        x += n * cell + 12
+    for b in range(mask2.shape[0]):
+        body.append(text(left - 10, top + b * cell + 25, f"row {b}", 12, anchor="end"))
+    y = top + mask2.shape[0] * cell + 22
+    lines = [f"Keys.kv[{layer}, {depth}]: keys, values (B, G, {'T' if depth == 1 else 'T_d'}, K) = "
+             f"{tuple(keys.kv[layer, depth][0].shape)}" for layer, depth in sorted(keys.kv)]
+    lines += ["a pass-2 query reads both depths, concatenated depth-major (Keys.update);",
+              f"its mask (B, T_d, T + T_d) = {tuple(mask2.shape)}"]
+    for i, line in enumerate(lines):
+        body.append(text(left, y + i * 18, line, 11, anchor="start"))
+    y += len(lines) * 18 + 24
+    S = cache.max_len
+    twice = " and ".join(str(s) for s in range(end) if cache.valid[0, S + s])
+    body.append(text(20, y, "generation with tah.KVCache: per layer one buffer for every depth, depth-major",
+                     12, anchor="start"))
+    body.append(text(20, y + 18, f"(max_len S = {S}; {end} tokens decoded so far, tokens {twice} took pass 2)",
+                     11, anchor="start"))
+    top = y + 62
+    depth_of = cache.depth[0].tolist()
+    for d in sorted(set(depth_of)):
+        first = depth_of.index(d)
+        body.append(text(left + first * cell + S * cell // 2, top - 24, f"depth {d}: slots 0..{S - 1}", 11))
+    for i, d in enumerate(depth_of):
+        s, ok = i - (d - 1) * S, bool(cache.valid[0, i])
+        fill = (ONE_PASS if d == 1 else TWO_PASSES) if ok else MISSING if s < end else "#ffffff"
+        dash = ' stroke-dasharray="3 3"' if s >= end else ""
+        body.append(text(left + i * cell + cell // 2, top - 6, str(i), 10))
+        body.append(rect(left + i * cell, top, cell, cell, fill, stroke=INK, extra=dash))
+        body.append(text(left + i * cell + cell // 2, top + 25, f"s{s}", 12))
+        body.append(text(left + i * cell + cell // 2, top + cell + 18, str(int(ok)), 12))
+    body.append(text(left - 10, top - 6, "index", 10, anchor="end"))
+    body.append(text(left - 10, top + 25, "slot", 12, anchor="end"))
+    body.append(text(left - 10, top + cell + 18, "valid", 12, anchor="end"))
+    y = top + cell + 34
+    for d, n in sorted(reads.items()):  # what a query of depth d at the newest slot reads: one view
+        y += 20
+        body.append(f'<line x1="{left}" y1="{y}" x2="{left + n * cell}" y2="{y}" stroke="{HIGHLIGHT}" '
+                    'stroke-width="3"/>')
+        body.append(text(left + n * cell + 8, y + 4, f"depth {d} query at slot {end - 1}: k[:, :, :{n}]", 11,
+                         anchor="start"))
+    y += 26
+    notes = [f"KVCache.k[layer]: (B, G, max_iter * S, K) = {tuple(cache.k[0].shape)}; slot s of depth d at "
+             "index (d - 1) * S + s",
+             "a query reads one view, no copy: the lower depths whole, its own depth up to the newest slot;",
+             "valid hides what is not there (a slot whose token did not iterate, a slot not yet written)"]
+    for i, note in enumerate(notes):
+        body.append(text(20, y + i * 18, note, 11, anchor="start"))
+    y += len(notes) * 18 + 4
+    legend = [(ONE_PASS, "", "a depth-1 entry"), (TWO_PASSES, "", "a depth-2 entry"),
+              (MISSING, "", "padding; in the cache: its token did not take that pass"),
+              (MISSING, ' stroke-dasharray="3 3"', "a filler's entry (q_valid False)"),
+              ("#ffffff", ' stroke-dasharray="3 3"', "a slot not yet written")]
+    for i, (fill, dash, label) in enumerate(legend):
+        body.append(rect(20, y + i * 22, 16, 16, fill, stroke=INK, extra=dash))
+        body.append(text(44, y + i * 22 + 13, label, 12, anchor="start"))
+    return svg(width, y + len(legend) * 22 + 8, body)
+
+
+# ----------------------------------------------------------------------------- the two training stages
+
+STAGES = [  # chapter 6: what train.stage1 and train.stage2 do; parts: what each does to that part
+    dict(title="stage 1 (train.stage1)",
+         who=["who iterates: the oracle labels, a (B, T) tensor", "of passes (train.oracle_labels)"],
+         parts=dict(backbone="trains", lora="trains", decider="not built yet"),
+         labels=["labels: token t+1 at every scored position t"],
+         loss=["loss: next-token cross-entropy on the final", "logits, z1 + z2 where the oracle says",
+               "iterate, else z1 (train.lm_loss)"]),
+    dict(title="stage 2 (train.stage2)",
+         who=['who iterates: nobody (policy "standard"); pass 2', "never runs, the decider is only asked"],
+         parts=dict(backbone="frozen", lora="frozen", decider="trains"),
+         labels=["labels: the oracle labels, 1 where hard, else 0", "(prompt positions are 0)"],
+         loss=["loss: BCE of the decider's logit on pass-1", "features (hidden states, top-k logits),",
+               "pos_weight on the hard tokens (train.decider_loss)"]),
+]
+PARTS = dict(backbone="backbone: embeddings, layers, lm_head", lora="LoRA: pass 2's adapter",
+             decider="decider")
+
+
+def parameter_counts(toy: Path = TOY) -> dict[str, int]:
+    """Parameters of each part of the trained toy model: backbone, LoRA, decider."""
+    counts = dict(backbone=0, lora=0, decider=0)
+    for name, p in tah.load(toy).named_parameters():
+        part = "decider" if name.startswith("decider.") else "lora" if ".lora_" in name else "backbone"
+        counts[part] += p.numel()
+    return counts
+
+
+def training_stages_svg(toy: Path = TOY) -> str:
+    counts = parameter_counts(toy)
+    width, col, gap, line = 860, 400, 20, 16
+    fill = {"trains": TRAINS, "frozen": FROZEN, "not built yet": "#ffffff"}
+    body = [text(width // 2, 22, "the two training stages: what each trains, freezes and reads as labels", 13)]
+    bottom = 0
+    for i, stage in enumerate(STAGES):
+        x, y = 20 + i * (col + gap), 44
+        body.append(text(x + col // 2, y + 14, stage["title"], 13))
+        y += 26
+        for key in ("who", "parts", "labels", "loss"):
+            if key == "parts":
+                for part, role in stage["parts"].items():
+                    dash = ' stroke-dasharray="3 3"' if role == "not built yet" else ""
+                    body.append(rect(x, y, col, 26, fill[role], stroke=INK, extra=dash))
+                    body.append(text(x + 8, y + 17, f"{PARTS[part]} ({counts[part]:,})", 11, anchor="start"))
+                    body.append(text(x + col - 8, y + 17, role, 11, anchor="end"))
+                    y += 32
+                continue
+            rows = stage[key]
+            body.append(rect(x, y, col, 10 + line * len(rows), "#ffffff", stroke=GRID))
+            for j, row in enumerate(rows):
+                body.append(text(x + 8, y + 18 + j * line, row, 11, anchor="start"))
+            y += 16 + line * len(rows)
+        bottom = max(bottom, y)
+    y = bottom + 6
+    legend = [(TRAINS, "", "trains: its gradients step"), (FROZEN, "", "frozen: requires_grad False"),
+              ("#ffffff", ' stroke-dasharray="3 3"', "not in the model yet: train.stage2 adds it, fresh")]
+    for i, (colour, dash, label) in enumerate(legend):
+        body.append(rect(20, y + i * 22, 16, 16, colour, stroke=INK, extra=dash))
+        body.append(text(44, y + i * 22 + 13, label, 12, anchor="start"))
+    y += len(legend) * 22 + 6
+    notes = ["(n): the parameters of each part in the trained toy model, tests/fixtures/toy-tah",
+             "stage 2 ends by checking that the backbone and the LoRA are bitwise unchanged"]
+    for i, note in enumerate(notes):
+        body.append(text(20, y + 12 + i * 18, note, 11, anchor="start"))
+    return svg(width, y + 12 + len(notes) * 18 + 8, body)
+
+
 FIGURES = {"duo_mask.svg": lambda toy: duo_mask_svg(), "pipeline.svg": pipeline_svg,
-           "token_trace.svg": token_trace_svg}
+           "token_trace.svg": token_trace_svg, "hard_first.svg": lambda toy: hard_first_svg(),
+           "keys_cache.svg": keys_cache_svg, "training_stages.svg": training_stages_svg}
 
 
 def write_all(out: Path, toy: Path = TOY) -> list[Path]:
