@@ -331,6 +331,14 @@ def table(rows: list[tuple], size: str | None) -> str:
     return "\n".join(lines)
 
 
+def out_folder(text: str) -> Path:
+    """The type= of --out: a folder, there or to be made, never a file."""
+    if (path := Path(text).expanduser()).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; --out is the folder of the results "
+                                         "files, one per model and benchmark: give a folder")
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags, checked before anything loads (ValueError: what was wrong, what to do)."""
     p = generate.Parser(prog="python bench/eval.py", description=__doc__,
@@ -346,7 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default %(default)s)")
     add("--instruction", nargs="?", const=INSTRUCTION, metavar="TEXT", help="append TEXT to each "
         f"question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
-    add("--out", type=Path, default=Path("runs/eval"), help="the folder of the results files, "
+    add("--out", type=out_folder, default="runs/eval", help="the folder of the results files, "
         "one per model and benchmark (default %(default)s)")
     return p.parse_args(argv)
 

@@ -193,6 +193,8 @@ FLAG_ERRORS = [  # (arguments, the start of the message): before anything loads
     ([str(TOY_EVAL), "--threshold", "2"], "error: argument --threshold: 2 is not a probability"),
     ([str(TOY_EVAL), "--top-p", "0"], "error: argument --top-p: 0 is not a mass in (0, 1]"),
     ([], "error: the following arguments are required: NAME; see python bench/eval.py --help"),
+    ([str(TOY_EVAL), "--out", str(TOY_EVAL)],
+     f"error: argument --out: {TOY_EVAL} is a file; --out is the folder of the results files"),
 ]
 
 
