@@ -39,11 +39,12 @@ class Benchmark:
     question: tuple[str, ...]  # the question's field: the first of these that a row has
     answer: str  # the reference answer's field
     kind: str  # how the authors parse the reference: "expr" (a bare expression) or "latex"
+    config: str = "default"  # the subset, as load_dataset(repo, config) names it
 
 
 # the authors' tah/evaluate/eval_configs/dataset_configs.json, and matheval.py for the kinds
 BENCHMARKS = {
-    "gsm8k": Benchmark("pss0204/gsm8k_test", "test", ("problem",), "answer", "expr"),
+    "gsm8k": Benchmark("pss0204/gsm8k_test", "test", ("problem",), "answer", "expr", "gsm8k_test"),
     "math500": Benchmark("HuggingFaceH4/MATH-500", "test", ("problem",), "answer", "latex"),
     "amc23": Benchmark("math-ai/amc23", "test", ("question",), "answer", "latex"),
     "aime24": Benchmark("Maxwell-Jia/AIME_2024", "train", ("Problem",), "Answer", "expr"),
@@ -99,18 +100,24 @@ def download(src: Source) -> Path:
                       f"dataset --local-dir DIR`, copy DIR here and give {src.name}=DIR") from None
 
 
-def split_files(folder: Path, split: str) -> list[Path]:
-    """One split's data files in a dataset folder as the hub lays it out: those whose name names
-    the split ("test.jsonl", "data/test-00000-of-00001.parquet"), else whose folder does; the
-    default config's data/ folder first; one format, parquet first. With none, every data file
-    is the "train" split (the hub's rule for files that name no split)."""
-    files = [f.relative_to(folder) for pattern in DATA_FILES for f in sorted(folder.rglob(pattern))]
-    files = [f for f in files if not any(part.startswith(".") for part in f.parts)]  # .cache/
+def split_files(folder: Path, split: str, config: str = "default") -> list[Path]:
+    """One config's split's data files in a dataset folder as the hub lays it out. The config's
+    files have it as a folder ("gsm8k_test/test-0.parquet", "data/gsm8k_test/...") or a name's
+    prefix ("gsm8k_test-test.jsonl"), read as if without it; with none, all files are (one config).
+    Of those, the split's name it in their name ("test.jsonl", "data/test-0.parquet"), else in
+    their folder; the default config's data/ first; one format, parquet first. With none, every
+    data file is the "train" split (the hub's rule for files that name no split)."""
+    found = [f for pattern in DATA_FILES for f in sorted(folder.rglob(pattern))]
+    files = {f.relative_to(folder): f for f in found}  # its path in the dataset -> its path here
+    files = {k: f for k, f in files.items() if not any(p[0] == "." for p in k.parts)}  # .cache/
+    ours = re.compile(rf"(^|/){re.escape(config)}(/|[_-](?=[^/]*$))")  # a folder or a prefix
+    files = {Path(ours.sub(r"\1", k.as_posix(), count=1)): f for k, f in files.items()
+             if ours.search(k.as_posix())} or files
     names = re.compile(rf"(^|[/_.-]){split}([/_.-]|$)").search
     named = [f for f in files if names(f.name)] or [f for f in files if names(f.parent.as_posix())]
-    named = named or (files if split == "train" else [])
+    named = named or (list(files) if split == "train" else [])
     named = [f for f in named if f.parts[0] == "data"] or named
-    return [folder / f for f in named if f.suffix == named[0].suffix]
+    return [files[f] for f in named if f.suffix == named[0].suffix]
 
 
 def read_problems(path: Path, bench: Benchmark) -> list[tuple[str, str]]:
@@ -148,7 +155,7 @@ def problems(src: Source) -> list[tuple[str, str]]:
     if src.bench is FILE:
         return read_problems(src.path, FILE)
     folder = src.path or download(src)
-    files = split_files(folder, src.bench.split)
+    files = split_files(folder, src.bench.split, src.bench.config)
     if not files:
         raise ValueError(f"{folder} has no data files of {src.name}'s {src.bench.split!r} split "
                          f"(*.parquet, *.jsonl); is it a download of {src.bench.repo}?")
@@ -324,6 +331,14 @@ def table(rows: list[tuple], size: str | None) -> str:
     return "\n".join(lines)
 
 
+def out_folder(text: str) -> Path:
+    """The type= of --out: a folder, there or to be made, never a file."""
+    if (path := Path(text).expanduser()).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; --out is the folder of the results "
+                                         "files, one per model and benchmark: give a folder")
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags, checked before anything loads (ValueError: what was wrong, what to do)."""
     p = generate.Parser(prog="python bench/eval.py", description=__doc__,
@@ -339,7 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default %(default)s)")
     add("--instruction", nargs="?", const=INSTRUCTION, metavar="TEXT", help="append TEXT to each "
         f"question (without TEXT: \"{INSTRUCTION}\"; the authors append none)")
-    add("--out", type=Path, default=Path("runs/eval"), help="the folder of the results files, "
+    add("--out", type=out_folder, default="runs/eval", help="the folder of the results files, "
         "one per model and benchmark (default %(default)s)")
     return p.parse_args(argv)
 

@@ -1,7 +1,8 @@
-"""bench/eval.py, offline: the benchmarks' sources and fields, stand-ins of two benchmarks in their
-downloaded layout answered by the trained toy, --limit, resuming (after a rerun, a Ctrl-C and a
-cut-off line), refused settings, the averaged table against an independent count, the paper's
-numbers by model size, the offline error, the protocol, answer extraction and both scorers."""
+"""bench/eval.py, offline: the benchmarks' sources, configs and fields, stand-ins of two benchmarks
+in their downloaded layout answered by the trained toy, one config of two read alone, --limit,
+resuming (after a rerun, a Ctrl-C and a cut-off line), refused settings, the averaged table against
+an independent count, the paper's numbers by model size, the offline error, the protocol, answer
+extraction and both scorers."""
 import importlib.util
 import json
 import re
@@ -68,7 +69,9 @@ def test_benchmarks_are_the_authors():
             "aime24": ("Maxwell-Jia/AIME_2024", "train", ("Problem",), "Answer", "expr"),
             "aime25": ("yentinglin/aime_2025", "train", ("problem",), "answer", "expr"),
             "olympiadbench": ("realtreetune/olympiadbench", "test", ("problem",), "answer", "latex")}
-    assert {n: tuple(vars(b).values()) for n, b in ev.BENCHMARKS.items()} == want
+    assert {n: tuple(vars(b).values())[:5] for n, b in ev.BENCHMARKS.items()} == want
+    configs = {n: b.config for n, b in ev.BENCHMARKS.items()}  # load_dataset(repo, config)
+    assert configs == dict.fromkeys(want, "default") | {"gsm8k": "gsm8k_test"}
     assert [s.name for s in ev.sources("paper")] == ["gsm8k", "math500", "amc23", "aime25", "olympiadbench"]
 
 
@@ -77,6 +80,14 @@ def write_parquet(path, rows: list[dict]):
     import pyarrow as pa
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def write_rows(path, rows: list[dict]):
+    """A data file as the hub has it: parquet, or JSONL."""
+    if path.suffix == ".parquet":
+        return write_parquet(path, rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_each_benchmark_reads_its_fields_in_its_layout(tmp_path):
@@ -100,11 +111,7 @@ def test_each_benchmark_reads_its_fields_in_its_layout(tmp_path):
     for name, files in layouts.items():
         folder = tmp_path / name
         for rel, content in files.items():
-            if rel.endswith(".parquet"):
-                write_parquet(folder / rel, content)
-            else:
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                (folder / rel).write_text("".join(json.dumps(r) + "\n" for r in content))
+            write_rows(folder / rel, content)
         [src] = ev.sources(f"{name}={folder}")
         assert src.path == folder and src.bench is ev.BENCHMARKS[name]
         assert ev.problems(src) == [(f"question {i}", f"{i}") for i in range(3)], name
@@ -115,6 +122,31 @@ def test_each_benchmark_reads_its_fields_in_its_layout(tmp_path):
         ev.problems(ev.sources(f"amc23={tmp_path / 'amc23'}")[0])  # a field of another benchmark
     with pytest.raises(ValueError, match="has no data files of math500's 'test' split.*MATH-500"):
         ev.problems(ev.sources(f"math500={tmp_path / 'aime24'}")[0])
+
+
+CONFIGS = {  # (benchmark, layout): {file: config}; of two configs, the test split of the first
+    ("gsm8k", "folders"): {"gsm8k_test/test-00000-of-00001.parquet": "ours",
+                           "gsm8k_test/train-00000-of-00001.parquet": "our train split",
+                           "socratic/test-00000-of-00001.parquet": "the other config"},
+    ("gsm8k", "data/ folders"): {"data/gsm8k_test/test.jsonl": "ours",
+                                 "data/socratic/test.jsonl": "the other config"},
+    ("gsm8k", "prefixes"): {"gsm8k_test-test.jsonl": "ours", "socratic-test.jsonl": "the other",
+                            "gsm8k_test-train.jsonl": "our train split"},  # _test- is no split
+    ("gsm8k", "one config"): {"data/test-00000-of-00001.parquet": "ours",
+                              "data/train-00000-of-00001.parquet": "our train split"},
+    ("math500", "parquet conversion"): {"default/test/0000.parquet": "ours",
+                                        "extra/test/0000.parquet": "the other config"},
+}
+
+
+@pytest.mark.parametrize("name, layout", CONFIGS)
+def test_a_config_is_read_alone(name, layout, tmp_path):
+    """A dataset of two configs, laid out as the hub has them (a folder or a file name's prefix
+    each): only the benchmark's config's test rows are read; a dataset of one config, whole."""
+    for rel, config in CONFIGS[name, layout].items():
+        write_rows(tmp_path / rel, [{"problem": f"{config} {i}?", "answer": i} for i in (0, 1)])
+    [src] = ev.sources(f"{name}={tmp_path}")
+    assert ev.problems(src) == [("ours 0?", "0"), ("ours 1?", "1")]
 
 
 def test_files_take_question_or_problem_and_gsm8k_answers(tmp_path):
@@ -161,6 +193,8 @@ FLAG_ERRORS = [  # (arguments, the start of the message): before anything loads
     ([str(TOY_EVAL), "--threshold", "2"], "error: argument --threshold: 2 is not a probability"),
     ([str(TOY_EVAL), "--top-p", "0"], "error: argument --top-p: 0 is not a mass in (0, 1]"),
     ([], "error: the following arguments are required: NAME; see python bench/eval.py --help"),
+    ([str(TOY_EVAL), "--out", str(TOY_EVAL)],
+     f"error: argument --out: {TOY_EVAL} is a file; --out is the folder of the results files"),
 ]
 
 
