@@ -38,7 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import tah  # noqa: E402
-from train import CE_CHUNK as CHUNK, chunked_ce  # noqa: E402  (positions per fp32 CE chunk)
+import train  # noqa: E402
+from train import CE_CHUNK as CHUNK  # noqa: E402  (positions whose logits a step makes at a time)
 
 GIB = 2**30
 # The two published shapes (config.json of Qwen/Qwen3-0.6B-Base and Qwen/Qwen3-1.7B-Base).
@@ -180,10 +181,10 @@ def measure(model_dir: str, length: int, threads: int, chunk: int, bf16: bool) -
         lambda *_: end_of("logits") if "forward" in peaks and "logits" not in peaks else None)
     reset_peak()
     t = time.time()
+    train.CE_CHUNK = chunk
+    batch = dict(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool), tgt=tgt, passes=passes)
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        out = model(ids, passes)
-        loss = chunked_ce(out.logits, tgt, chunk) / length
-    del out
+        loss = train.lm_loss(model, batch, "oracle")[0] / length
     end_of("forward")
     loss.backward()
     end_of("layers")
