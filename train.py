@@ -14,9 +14,9 @@ an interrupted one, bitwise on a CPU; Ctrl-C saves and exits. The toy: a table m
 each other; a query asks for table[x] (1-hop) or table[table[x]] (2-hop).
 
 Where --size 0.6b/1.7b differs from the authors' recipe (arXiv 2511.08577; the README lists it
-all): 12,800 rows for 1 epoch (theirs: ~94k rows, 5 epochs; --samples 0 --epochs 5); rows cut at
-4096 tokens for 0.6b, 8192 for 1.7b (theirs: 8192 and 10000; --max-len); fp32 weights and AdamW
-state under bf16 autocast. The closing table is teacher-forced next-token accuracy on held-out
+all): 12,800 rows for 1 epoch (theirs: ~94k rows, 5 epochs; --samples 0 --epochs 5); fp32 weights
+and AdamW state under bf16 autocast. Rows are cut at the authors' lengths, 8192 tokens for 0.6b
+and 10000 for 1.7b (--max-len). The closing table is teacher-forced next-token accuracy on held-out
 rows, not the paper's benchmarks: python bench/eval.py --model OUT/tah paper scores those.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ SIZES = {"0.6b": {}}
 SIZES["1.7b"] = dict(
     model="Qwen/Qwen3-1.7B-Base",
     reference="Qwen/Qwen3-1.7B",  # the post-trained model of the same size, as the authors
-    max_len=8192,  # authors: 10000 in stage 1
+    max_len=10000,  # the authors' stage 1
     lora_r=32, lora_alpha=64, pos_weight=5.4, decider_layers=[2, 10, 18, 26],
     decider_dims=[512] * 6)
 SIZES["toy"] = dict(  # tuned for a CPU and minutes
@@ -737,7 +737,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--reference", default="Qwen/Qwen3-0.6B", help="frozen model whose greedy misses are hard")
     add("--data", help="JSONL of {question, generation} or {messages} lines (default OpenR1-Math)")
     add("--out", help="directory every stage writes to")
-    add("--max-len", type=POS_INT, default=4096, help="tokens a row may have (see --long-rows)")
+    add("--max-len", type=POS_INT, default=8192, help="tokens a row may have (see --long-rows)")
     add("--long-rows", choices=["truncate", "drop"], default="truncate", help="rows over --max-len")
     add("--easy-rows", choices=["drop", "keep"], default="drop", help="rows with no hard token")
     add("--samples", type=COUNT, default=12800, help="train on this many rows (0 = all ~94k)")
