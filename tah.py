@@ -13,9 +13,10 @@ predict a second, latent pass through the same layers:
 
 Qwen3 facts used below: pre-norm RMSNorm, RMSNorm on every query/key head (q_norm/k_norm),
 rotary embeddings on split halves, grouped-query attention, SwiGLU MLP, optional tied embeddings.
-Sections, in reading order (one tutorial chapter each): config | building blocks (RMSNorm, RoPE,
-LoRA, MLP) | duo-causal attention and the KV cache | decoder layer | decider | the TaH model |
-loading and saving | tokenizer and chat format | generation
+Sections, top to bottom, the model before the plumbing (each with the tutorial's chapter):
+config (chapter 1) | Qwen3 blocks (chapter 1) | duo-causal attention (chapter 2) | LoRA (chapter
+3) | the TaH model (chapters 3 and 4) | the decider (chapter 5) | generation (chapter 7) |
+checkpoints (chapters 1 and 6) | tokenizer (chapter 7)
 
 Dimensions: B batch, T tokens, T_d tokens at depth d, S key slots, N query heads, G key/value
 heads, K head_dim, H hidden size, V vocab, L layers, d depth (pass number, 1-based).
@@ -40,32 +41,13 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tokenizers import Tokenizer as HFTokenizer
 
-# ----------------------------------------------------------------------------- config
 
-
-def _fill(cls, values: dict, most: dict | None = None):
-    """A `cls` dataclass with `values` for its fields (absent or null: the default), each of its
-    default's type; integers in [1, 2**20] (nothing absurd gets built), numbers >= 0 and finite,
-    and at most `most[field]`. Checks what no library checks before a model is built."""
-    obj = cls()
-    for f in fields(cls):
-        v, default = values.get(f.name), getattr(obj, f.name)
-        if v is None or default is None:  # absent, or a token id (tah.py never reads those)
-            continue
-        kind, number = type(default), type(default) in (int, float)
-        low, top = (1, 2**20) if kind is int else (0, 1e30)
-        top = (most or {}).get(f.name, top)
-        if not (type(v) is kind or kind is float and type(v) is int) or \
-                number and not low <= v <= top:  # NaN and inf fail the bound too
-            raise ValueError(f"{f.name} is {v!r}; it must be {kind.__name__}" +
-                             f" in [{low}, {top}]" * number)
-        setattr(obj, f.name, v)
-    return obj
+# --- config (chapter 1) --------------------------------------------------------------------------
 
 
 @dataclass
 class Qwen3Config:
-    """The fields of a Hugging Face Qwen3 `config.json` that define the network."""
+    """The fields of a Hugging Face Qwen3 config.json that define the network (`qwen3_config`)."""
 
     vocab_size: int = 151936
     hidden_size: int = 1024
@@ -83,115 +65,27 @@ class Qwen3Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Qwen3Config":
-        """The known keys of a config.json; refuses what tah.py does not implement."""
-        if d.get("model_type", "qwen3") != "qwen3":
-            raise ValueError(f"model_type is {d['model_type']!r}; tah.py implements only 'qwen3' "
-                             "(Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
-        for rope in (d.get("rope_scaling"), d.get("rope_parameters")):  # older, newer transformers
-            if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise ValueError("it asks for scaled RoPE; tah.py implements only plain RoPE")
-        if d.get("attention_bias") or d.get("use_sliding_window"):
-            raise ValueError("it asks for attention biases or sliding windows; Qwen3 dense models "
-                             "use neither and tah.py implements neither")
-        rope_theta = (d.get("rope_parameters") or {}).get("rope_theta")  # where newer ones keep it
-        cfg = _fill(cls, {"rope_theta": rope_theta, "torch_dtype": d.get("dtype"), **d})
-        if d.get("head_dim") is None:  # older configs: hidden_size split over the heads
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 2:
-            raise ValueError(f"num_attention_heads ({cfg.num_attention_heads}) must be a multiple "
-                             f"of num_key_value_heads ({cfg.num_key_value_heads}), head_dim "
-                             f"({cfg.head_dim}) even")
-        return cfg
-
-    def to_dict(self) -> dict:
-        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **asdict(self)}
-
-
-IMPLEMENTED = {  # tah_config.json's variants in the authors' code -> those tah.py implements
-    "input_updater": (None, "TrivialUpdater"),  # with topk: the top-k soft token
-    "output_updater": (None, "AdditiveLogitsUpdater"),  # z1 + z2
-    "iter_attention_mode": (None, "duo"),  # duo-causal attention
-    "iter_label_generator": (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"),
-    "adapter": (None, "lora"),
-    "iter_decider": (None, "MLPIterDecider", "IterLabelDecider"),  # the last: oracle labels only
-}
-SCHEMA = {  # tah_config.json's keys ("group.key": `key` in the object `group`) -> TaHConfig's
-    "max_iter": "max_iter", "input_updater_kwargs.topk": "input_topk",
-    "adapter_kwargs.r": "lora_r", "adapter_kwargs.lora_alpha": "lora_alpha",
-    "adapter_kwargs.lora_dropout": "lora_dropout",
-    "iter_decider_kwargs.hidden_states_layer_nums": "decider_layers",
-    "iter_decider_kwargs.topk": "decider_topk", "iter_decider_kwargs.hidden_dims": "decider_dims",
-    "iter_decider_kwargs.expansion_factor": "decider_expansion",
-    "iter_decider_kwargs.dropout_rate": "decider_dropout",
-    "iter_decider_kwargs.threshold": "threshold"}
-
 
 @dataclass
 class TaHConfig:
-    """The TaH knobs. lora_r = 0 means no LoRA; decider_layers = None means no decider."""
+    """The TaH knobs (`tah_config` reads the authors' tah_config.json). lora_r = 0 means no LoRA;
+    decider_layers = None means no decider."""
 
     max_iter: int = 2  # passes a token may get; 2 in every published recipe
     input_topk: int = 100  # pass-1 logits mixed into the soft token of the next pass
     lora_r: int = 16  # rank of the adapter that pass 2 adds to every linear (0: none)
     lora_alpha: float = 32  # the adapter's output is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.1  # dropout on the adapter's input, in training only
-    decider_layers: list[int] | None = None  # hidden-state indices: 0 = embeddings, k = layer k
+    decider_layers: list[int] | None = None  # hidden-state indices it reads (see `TaH._pass`)
     decider_topk: int = 100  # top-k pass-1 logit values the decider reads, sorted descending
     decider_dims: list[int] = field(default_factory=lambda: [256] * 6)  # width of each block
     decider_expansion: int = 4  # the hidden width of a block's MLP, as a multiple of its width
     decider_dropout: float = 0.1  # dropout inside the decider's blocks, in training only
     threshold: float = 0.9  # iterate iff sigmoid(decider logit) > threshold
 
-    @classmethod
-    def from_json(cls, j: dict, config: Qwen3Config) -> "TaHConfig":
-        """Reads a tah_config.json in the authors' schema (`to_json` writes the same) for the
-        backbone `config`; refuses the variants tah.py does not implement."""
-        flat = j | {f"{group}.{k}": v for group, kwargs in j.items() if type(kwargs) is dict
-                    for k, v in kwargs.items()}
-        for key, ok in IMPLEMENTED.items():
-            if j.get(key) not in ok:
-                raise ValueError(f"{key} = {j[key]!r}: tah.py implements only {ok[1:]}")
-        if flat.get("input_updater_kwargs.use_hidden_states") or \
-                flat.get("input_updater_kwargs.topk", 0) is None or \
-                flat.get("iter_decider_kwargs.normalize_input"):
-            raise ValueError("it asks for a hidden-state or full-softmax input to pass 2, or a "
-                             "normalised decider input; tah.py implements neither")
-        lora, decider = j.get("adapter") == "lora", j.get("iter_decider") == "MLPIterDecider"
-        if lora and None in (flat.get("adapter_kwargs.r"), flat.get("adapter_kwargs.lora_alpha")):
-            raise ValueError("adapter_kwargs must give r and lora_alpha")
-        V, L = config.vocab_size, config.num_hidden_layers
-        t = _fill(cls, {ours: flat.get(theirs) for theirs, ours in SCHEMA.items()}, most=dict(
-            input_topk=V, decider_topk=V, lora_dropout=1, decider_dropout=1, threshold=1))
-        t.lora_r = t.lora_r if lora else 0
-        t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums")  # _fill skips
-        if decider and not (type(t.decider_layers) is list and t.decider_layers and
-                            all(type(i) is int and 0 <= i <= L for i in t.decider_layers)):
-            raise ValueError(f"hidden_states_layer_nums is {t.decider_layers!r}; it must list "
-                             f"hidden-state indices in [0, {L}]")
-        t.decider_layers = t.decider_layers if decider else None
-        return t
 
-    def to_json(self, hidden_size: int) -> dict:
-        """The authors' tah_config.json schema, which `from_json` reads back."""
-        lora, decider = self.lora_r > 0, self.decider_layers is not None
-        j = {"max_iter": self.max_iter, "iter_attention_mode": "duo", "input_updater_kwargs": {},
-             "output_updater": "AdditiveLogitsUpdater", "adapter": "lora" if lora else None,
-             "iter_decider": "MLPIterDecider" if decider else None}
-        if lora:
-            j["adapter_kwargs"] = {"target_modules": "all-linear", "bias": "none"}
-        if decider:
-            j["iter_decider_kwargs"] = {"hidden_states_size": hidden_size, "normalize_input": False,
-                                        "max_iter": self.max_iter}
-        for theirs, ours in SCHEMA.items():
-            group, _, key = theirs.rpartition(".")
-            if not group or group in j:  # the groups of the parts this model has
-                (j[group] if group else j)[key] = getattr(self, ours)
-        return j
-
-
-# ----------------------------------------------------------------------------- building blocks
+# --- Qwen3 blocks (chapter 1) --------------------------------------------------------------------
+# Their projections are LoRALinear (chapter 3); their attention is the next section's (chapter 2).
 
 
 class RMSNorm(nn.Module):
@@ -224,32 +118,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class LoRALinear(nn.Module):
-    """A bias-free Linear with an optional low-rank adapter that only pass 2 and later use:
-    y = x W^T + (alpha / r) * B(A(dropout(x))). Keys: `weight`, `lora_A.weight`, `lora_B.weight`."""
-
-    def __init__(self, n_in: int, n_out: int, tah: TaHConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_out, n_in))
-        self.lora_A = self.lora_B = None
-        if tah.lora_r > 0:
-            self.lora_A = nn.Linear(n_in, tah.lora_r, bias=False)
-            self.lora_B = nn.Linear(tah.lora_r, n_out, bias=False)
-            self.dropout = nn.Dropout(tah.lora_dropout)
-            self.scale = tah.lora_alpha / tah.lora_r
-
-    def reset_lora(self) -> None:
-        """PEFT's initialisation: A random, B zero, so a new adapter starts as a no-op."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if lora and self.lora_A is not None:
-            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
-        return y
-
-
 class MLP(nn.Module):
     def __init__(self, config: Qwen3Config, tah: TaHConfig):
         super().__init__()
@@ -261,7 +129,21 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
-# ----------------------------------------------------------------------------- duo-causal attention
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, tah: TaHConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, tah, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, tah)
+
+    def forward(self, x: torch.Tensor, keys: Keys, lora: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), keys, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
+
+
+# --- duo-causal attention (chapter 2) ------------------------------------------------------------
+# While generating, Keys writes to a KVCache (the generation section, chapter 7).
 
 
 def duo_causal_mask(q_pos, q_depth, k_pos, k_depth) -> torch.Tensor:
@@ -278,48 +160,6 @@ def attention_reference(q, k, v, mask):
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, N, T, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v
-
-
-class KVCache:
-    """Keys and values of every layer and depth for generation, written at explicit slots.
-    Slot s of depth d lives at index (d - 1) * max_len + s (depth-major), so everything a query
-    of depth d may see (the lower depths whole, its own depth up to the newest slot) is one view:
-    nothing is copied per step. `valid` (B, max_iter * max_len) marks the entries that exist."""
-
-    def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
-        config, max_iter, self.max_len = model.config, model.tah.max_iter, max_len
-        weight = model.model.embed_tokens.weight
-        device, dtype = device or weight.device, dtype or weight.dtype
-        shape = (batch_size, config.num_key_value_heads, max_iter * max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype)
-                  for _ in range(config.num_hidden_layers)]  # per layer (B, G, D*S, K)
-        self.v = [torch.zeros_like(k) for k in self.k]
-        self.pos = torch.zeros(batch_size, max_iter * max_len, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch_size, max_iter * max_len, dtype=torch.bool, device=device)
-        slot = torch.arange(max_iter * max_len, device=device)[None]  # (1, D*S)
-        self.depth = slot // max_len + 1  # (1, D*S): the depth each slot belongs to
-
-    def write_meta(self, depth: int, slots, pos, valid, end: int) -> tuple[torch.Tensor, ...]:
-        """Records positions/validity (B, T_d) of new entries; returns the positions, depths
-        and validity (B, n) of the n = (depth - 1) * max_len + end entries a query sees."""
-        at = (depth - 1) * self.max_len + slots  # (B, T_d)
-        self.pos.scatter_(1, at, pos)
-        self.valid.scatter_(1, at, valid)
-        n = (depth - 1) * self.max_len + end
-        return self.pos[:, :n], self.depth[:, :n], self.valid[:, :n]
-
-    def write(self, layer: int, depth: int, slots, k, v, end: int) -> tuple[torch.Tensor, ...]:
-        """Stores new keys/values (B, G, T_d, K) at their slots; returns (B, G, n, K) views."""
-        at = ((depth - 1) * self.max_len + slots)[:, None, :, None].expand_as(k)  # (B, G, T_d, K)
-        self.k[layer].scatter_(2, at, k)
-        self.v[layer].scatter_(2, at, v)
-        n = (depth - 1) * self.max_len + end
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keeps only the batch rows `rows` (B,) bool, e.g. those still generating."""
-        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
-        self.pos, self.valid = self.pos[rows], self.valid[rows]
 
 
 class Keys:
@@ -393,103 +233,50 @@ class Attention(nn.Module):
         return self.o_proj(y, lora)
 
 
-# ----------------------------------------------------------------------------- decoder layer
+# --- LoRA (chapter 3) ----------------------------------------------------------------------------
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, tah: TaHConfig, layer_idx: int):
+class LoRALinear(nn.Module):
+    """A bias-free Linear with an optional low-rank adapter that only pass 2 and later use:
+    y = x W^T + (alpha / r) * B(A(dropout(x))). Keys: `weight`, `lora_A.weight`, `lora_B.weight`."""
+
+    def __init__(self, n_in: int, n_out: int, tah: TaHConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, tah, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, tah)
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.lora_A = self.lora_B = None
+        if tah.lora_r > 0:
+            self.lora_A = nn.Linear(n_in, tah.lora_r, bias=False)
+            self.lora_B = nn.Linear(tah.lora_r, n_out, bias=False)
+            self.dropout = nn.Dropout(tah.lora_dropout)
+            self.scale = tah.lora_alpha / tah.lora_r
 
-    def forward(self, x: torch.Tensor, keys: Keys, lora: bool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), keys, lora)
-        return x + self.mlp(self.post_attention_layernorm(x), lora)
+    def reset_lora(self) -> None:
+        """PEFT's initialisation: A random, B zero, so a new adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
 
-
-# ----------------------------------------------------------------------------- decider
-
-
-class ResidualBlock(nn.Module):
-    """x + MLP(LayerNorm(x)); a Linear skip replaces the identity where the width changes."""
-
-    def __init__(self, n_in: int, n_out: int, expansion: int, dropout: float):
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(n_in)
-        self.mlp = nn.Sequential(nn.Linear(n_in, expansion * n_in), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(expansion * n_in, n_out), nn.Dropout(dropout))
-        self.dim_change = nn.Linear(n_in, n_out) if n_in != n_out else nn.Identity()
-
-    def forward(self, x):
-        return self.dim_change(x) + self.mlp(self.layer_norm(x))
+    def forward(self, x: torch.Tensor, lora: bool = False) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if lora and self.lora_A is not None:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+        return y
 
 
-class DeciderBackbone(nn.Module):
-    def __init__(self, dims: list[int], expansion: int, dropout: float):
-        super().__init__()
-        self.input_projection = nn.Linear(dims[0], dims[0])
-        self.blocks = nn.ModuleList(ResidualBlock(a, b, expansion, dropout)
-                                    for a, b in zip(dims, dims[1:] + dims[-1:]))
-        self.output_layer = nn.Sequential(nn.LayerNorm(dims[-1]), nn.Linear(dims[-1], 1))
-
-    def forward(self, x):
-        x = self.input_projection(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.output_layer(x)
-
-
-class Decider(nn.Module):
-    """Reads pass-1 features of each token and returns the logit of "think again": the hidden
-    states at `decider_layers` concatenated with a projection of the top-k logit values."""
-
-    def __init__(self, config: Qwen3Config, tah: TaHConfig):
-        super().__init__()
-        self.layers, self.topk = list(tah.decider_layers), tah.decider_topk
-        self.logits_projection = nn.Linear(tah.decider_topk, config.hidden_size)
-        n_in = (len(self.layers) + 1) * config.hidden_size
-        self.combined_projection = nn.Linear(n_in, tah.decider_dims[0])
-        self.backbone = DeciderBackbone(list(tah.decider_dims), tah.decider_expansion,
-                                        tah.decider_dropout)
-
-    def reset_parameters(self) -> None:
-        """As the authors initialise it: every Linear of the backbone Kaiming-normal with zero
-        bias; the two projections and the LayerNorms keep PyTorch's defaults."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.LayerNorm)):
-                m.reset_parameters()
-        for m in self.backbone.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)  # std sqrt(2 / fan_in)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, hidden: dict[int, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-        """hidden: index -> (B, T, H); logits (B, T, V), or their top values (B, T, >= k) sorted
-        descending (what a forward that never holds all logits passes) -> continue logit (B, T)."""
-        dtype = self.combined_projection.weight.dtype  # the decider stays in fp32
-        top = logits.topk(self.topk, dim=-1).values.to(dtype)  # (B, T, k), sorted descending
-        feats = [hidden[i].to(dtype) for i in self.layers] + [self.logits_projection(top)]
-        x = self.combined_projection(torch.cat(feats, dim=-1))  # (B, T, D0)
-        return self.backbone(x).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------- the TaH model
+# --- the TaH model (chapters 3 and 4) ------------------------------------------------------------
+# TaH.decider is the next section's Decider (chapter 5).
 
 
 @dataclass
 class Output:
-    """What a forward returns. The final logits are made where they are asked for: `logits` holds
-    those of the positions the call asked (all, the last, or none), and `TaH.final_logits` makes
-    any others from `passes`, as a training step does, a chunk of positions at a time."""
+    """What a forward returns. Final logits are made where asked: `logits` holds those of the
+    last n positions (the call's `logits`: all, the last, none), `TaH.final_logits` any others."""
 
-    logits: torch.Tensor | None  # (B, n, V) final logits of the last n positions asked for
+    logits: torch.Tensor | None  # (B, n, V): z1, plus z2 where a token iterated
     iter_count: torch.Tensor  # (B, T) passes each token got
-    passes: list[torch.Tensor]  # per pass, its final hidden states (B, T, H) after the final
+    passes: list[torch.Tensor]  # per pass its final hidden states (B, T, H), after the final
     # norm: h1 for every token, h2 where a token got pass 2 (zero elsewhere), ...
     continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
-    hidden_states: list[torch.Tensor] | None = None  # pass 1: [embeddings, layer 1..L-1, norm]
+    hidden_states: list[torch.Tensor] | None = None  # pass 1's, index 0..L as `_pass` numbers them
 
 
 def hard_first(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,25 +354,34 @@ class TaH(nn.Module):
             values, ids = (torch.cat(pair, 1) for pair in zip((values, ids), z.topk(k, dim=-1)))
         return values, ids
 
+    def topk_at(self, idx: torch.Tensor, passes: list[torch.Tensor], top=None,
+                k: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Top-k values and ids (B, T_d, k) of the logits so far, z1 + z2 + ..., at the positions
+        idx (B, T_d): from `top`, pass 1's top-k of every position, when given; else made here
+        from lm_head(h1 + h2 + ...) (the same logits: the head is linear), in chunks."""
+        k, rows = k or self.tah.input_topk, torch.arange(len(idx), device=idx.device)[:, None]
+        if top is not None:
+            return tuple(t[rows, idx, :k] for t in top)
+        return self.head_topk(sum(p[rows, idx] for p in passes), k)
+
     def add_logit_residual(self, z: torch.Tensor, out: Output, start: int) -> torch.Tensor:
-        """The logit residual, in place: z (B, n, V) holds pass 1's logits z1 of positions
-        start..start+n-1; adds z_d = lm_head(h_d) of each later pass d where a token got it (only
-        there: z_d of every position would double the head's cost). Returns z."""
+        """The logit residual, in place: to z (B, n, V), pass 1's logits z1 of positions start..,
+        adds z_d = lm_head(h_d) of each later pass d, only where a token got it. Returns z."""
         for d, h in enumerate(out.passes[1:], start=2):
             b, t = (out.iter_count[:, start:start + z.shape[1]] >= d).nonzero(as_tuple=True)
             z.index_put_((b, t), self.lm_head(h[b, start + t]), accumulate=True)  # z_d (n_d, V)
         return z
 
     def final_logits(self, out: Output, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """The final logits (B, end - start, V) of positions start..end-1, made from the passes'
-        hidden states: z1 = lm_head(h1), plus the logit residual. A training step makes its
-        logits this way, a chunk of positions at a time, instead of holding all (B, T, V)."""
+        """The final logits (B, end - start, V) of positions start..end-1, z1 plus the residual,
+        from the passes' hidden states: how a training step makes its logits, a chunk at a time."""
         return self.add_logit_residual(self.lm_head(out.passes[0][:, start:end]), out, start)
 
-    def _pass(self, x: torch.Tensor, keys: Keys, keep: set[int]):
+    def _pass(self, x: torch.Tensor, keys: Keys, keep: set[int] = frozenset()):
         """Runs every layer at one depth over the tokens x (B, T_d, H), whose keys, mask and
-        RoPE are the view `keys`. Returns the last layer's output and the hidden states listed
-        in `keep` (0 = input, k = output of layer k)."""
+        RoPE are the view `keys`. Returns the last layer's output and the hidden states whose
+        index is in `keep`: 0 = the input, k = layer k's output; `forward` then puts the final
+        norm's output at index L, as Hugging Face numbers hidden states (what the decider reads)."""
         lora = keys.depth > 1  # the adapter belongs to pass 2 and later
         kept = {0: x} if 0 in keep else {}
         for i, layer in enumerate(self.model.layers):
@@ -622,6 +418,7 @@ class TaH(nn.Module):
         if n is None:
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
         use_decider = named and self.decider is not None  # its logit comes with every named policy
+        iterates = not named or policy != "standard"  # some token may get pass 2
         keep = set(range(L + 1)) if output_hidden_states else set()
         if use_decider:
             keep |= set(self.tah.decider_layers)
@@ -632,14 +429,14 @@ class TaH(nn.Module):
         # pass 1: the plain Qwen3 over every token, LoRA off
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         x, kept = self._pass(x, keys.at_depth(1, positions, valid, slots), keep)
-        h = kept[L] = self.model.norm(x)  # (B, T, H); index L = the final norm, as the decider says
+        h = kept[L] = self.model.norm(x)  # (B, T, H): hidden-state index L, the final norm's
         hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
         z = self.lm_head(h[:, T - n:])  # z1 (B, n, V) of the positions whose logits are returned
+        # pass 1's top-k at every position, where the decider needs it or z has it for free
+        k = max(self.tah.input_topk, self.tah.decider_topk if use_decider else 0)
+        top = self.head_topk(h, k, z) if use_decider or iterates and n == T else None
 
-        # decide: the decider (or the policy) picks the hard tokens. The decider reads pass 1's
-        # top-k logits at every position, which the soft tokens below then reuse: k covers both
-        top = self.head_topk(h, max(self.tah.decider_topk, self.tah.input_topk), z) \
-            if use_decider else None
+        # decide: the decider (or the policy) picks the hard tokens
         continue_logit = self.decider(kept, top[0]) if use_decider else None
         iter_count = valid.long()
         active = self._decide(policy, 1, continue_logit, threshold, valid)
@@ -651,22 +448,16 @@ class TaH(nn.Module):
                 break
             iter_count = iter_count + active.long()
             idx, q_valid = hard_first(active)  # (B, T_d) each
-            # the soft token: the top-k of the logits so far at these tokens (z1, or z1 + z2 + ...
-            # = lm_head(h1 + h2 + ...), the head being linear), mixed over embedding rows
-            if depth == 2 and top is not None:
-                values, ids = (t[rows, idx, :self.tah.input_topk] for t in top)
-            else:
-                values, ids = self.head_topk(sum(p[rows, idx] for p in passes), self.tah.input_topk)
-            x = self.mix_embeddings(values, ids)  # (B, T_d, H)
+            # the soft token: the top-k of the logits so far at these tokens, mixing embedding rows
+            x = self.mix_embeddings(*self.topk_at(idx, passes, top if depth == 2 else None))
             view = keys.at_depth(depth, positions[rows, idx], q_valid, slots[rows, idx])
             x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
             h_d = self.model.norm(x).masked_fill(~q_valid[..., None], 0.0)  # (B, T_d, H)
             passes.append(torch.zeros_like(h).index_put((rows, idx), h_d))  # (B, T, H)
             if depth < max_iter:  # who goes on: decided among this depth's tokens, scattered back
                 sub = policy if named else policy.gather(1, idx)
-                c = self.decider({**kept_d, L: h_d}, self.head_topk(
-                    sum(p[rows, idx] for p in passes), self.tah.decider_topk)[0]) \
-                    if use_decider else None
+                c = self.decider({**kept_d, L: h_d}, self.topk_at(
+                    idx, passes, k=self.tah.decider_topk)[0]) if use_decider else None
                 go = self._decide(sub, depth, c, threshold, q_valid)
                 active = torch.zeros_like(active).scatter(1, idx, go)
 
@@ -687,264 +478,115 @@ class TaH(nn.Module):
         return (prob > torch.tensor(t, dtype=torch.float32)) & valid
 
 
-# ----------------------------------------------------------------------------- loading and saving
-
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as it is, or a hub id ("Qwen/Qwen3-0.6B") downloaded to the local cache."""
-    p = Path(path_or_id).expanduser()
-    if p.is_dir():
-        return p
-    name = str(path_or_id)
-    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name}: no such model directory "
-                                "(a hub id looks like 'Qwen/Qwen3-0.6B')")
-    try:
-        from huggingface_hub import snapshot_download
-        files = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # no code
-        return Path(snapshot_download(name, allow_patterns=files))
-    except Exception as e:
-        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: "
-                      f"{e}). Offline? Where you have a network, `hf download {name} --local-dir "
-                      "DIR`; copy DIR here and pass that directory instead of the id.") from None
+# --- the decider (chapter 5) ---------------------------------------------------------------------
 
 
-@contextmanager
-def reading(path):
-    """The one guard around reading a file: what json, safetensors, torch.load, tokenizers or
-    load_state_dict report about it becomes one line that names it (FileNotFoundError if it is
-    missing, else ValueError)."""
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e, FileNotFoundError) or isinstance(path, Path) and not path.exists():
-            raise FileNotFoundError(f"{getattr(e, 'filename', None) or path} is missing: the "
-                                    "checkpoint is not whole; download or save it again") from None
-        why = " ".join(str(e).split())  # the library's message, on one line
-        why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}"
-        if isinstance(e, pickle.UnpicklingError):  # torch's own would invite weights_only=False
-            why = "torch.load(weights_only=True) refuses it: it holds more than tensors"
-        raise ValueError(f"{path}: {why[:400]}; the file is damaged or does not belong with the "
-                         "others: fix it, or download or save the checkpoint again") from None
+class ResidualBlock(nn.Module):
+    """x + MLP(LayerNorm(x)); a Linear skip replaces the identity where the width changes."""
+
+    def __init__(self, n_in: int, n_out: int, expansion: int, dropout: float):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(n_in)
+        self.mlp = nn.Sequential(nn.Linear(n_in, expansion * n_in), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(expansion * n_in, n_out), nn.Dropout(dropout))
+        self.dim_change = nn.Linear(n_in, n_out) if n_in != n_out else nn.Identity()
+
+    def forward(self, x):
+        return self.dim_change(x) + self.mlp(self.layer_norm(x))
 
 
-def read_json(path: Path) -> dict:
-    j = json.loads(path.read_text(encoding="utf-8"))
-    if type(j) is not dict:
-        raise ValueError("it does not hold a JSON object")
-    return j
+class DeciderBackbone(nn.Module):
+    def __init__(self, dims: list[int], expansion: int, dropout: float):
+        super().__init__()
+        self.input_projection = nn.Linear(dims[0], dims[0])
+        self.blocks = nn.ModuleList(ResidualBlock(a, b, expansion, dropout)
+                                    for a, b in zip(dims, dims[1:] + dims[-1:]))
+        self.output_layer = nn.Sequential(nn.LayerNorm(dims[-1]), nn.Linear(dims[-1], 1))
+
+    def forward(self, x):
+        x = self.input_projection(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.output_layer(x)
 
 
-FILES = {"model": "model.safetensors", "lora": "lora/adapter_model.safetensors",
-         "decider": "decider.safetensors"}  # the parts of a checkpoint
+class Decider(nn.Module):
+    """Reads pass-1 features of each token and returns the logit of "think again": the hidden
+    states at `decider_layers` concatenated with a projection of the top-k logit values."""
+
+    def __init__(self, config: Qwen3Config, tah: TaHConfig):
+        super().__init__()
+        self.layers, self.topk = list(tah.decider_layers), tah.decider_topk
+        self.logits_projection = nn.Linear(tah.decider_topk, config.hidden_size)
+        n_in = (len(self.layers) + 1) * config.hidden_size
+        self.combined_projection = nn.Linear(n_in, tah.decider_dims[0])
+        self.backbone = DeciderBackbone(list(tah.decider_dims), tah.decider_expansion,
+                                        tah.decider_dropout)
+
+    def reset_parameters(self) -> None:
+        """As the authors initialise it: every Linear of the backbone Kaiming-normal with zero
+        bias; the two projections and the LayerNorms keep PyTorch's defaults."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                m.reset_parameters()
+        for m in self.backbone.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)  # std sqrt(2 / fan_in)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, hidden: dict[int, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """hidden: index -> (B, T, H); logits (B, T, V), or their top values (B, T, >= k) sorted
+        descending (what a forward that never holds all logits passes) -> continue logit (B, T)."""
+        dtype = self.combined_projection.weight.dtype  # the decider stays in fp32
+        top = logits.topk(self.topk, dim=-1).values.to(dtype)  # (B, T, k), sorted descending
+        feats = [hidden[i].to(dtype) for i in self.layers] + [self.logits_projection(top)]
+        x = self.combined_projection(torch.cat(feats, dim=-1))  # (B, T, D0)
+        return self.backbone(x).squeeze(-1)
 
 
-def _owner(key: str) -> str:
-    """The part of a checkpoint that stores the model's tensor `key`."""
-    return "lora" if ".lora_" in key else "decider" if key.startswith("decider.") else "model"
+# --- generation (chapter 7) ----------------------------------------------------------------------
 
 
-def _checkpoint_files(d: Path, model: TaH) -> list[tuple[str, Path]]:
-    """(part, file) for each file of the checkpoint in d that `model`, built from its configs,
-    reads."""
-    files = [("model", d / FILES["model"])]
-    index = d / "model.safetensors.index.json"
-    if index.exists():  # shards
-        with reading(index):
-            files = [("model", d / s) for s in sorted(set(read_json(index)["weight_map"].values()))]
-            if any(f.parent != d for _, f in files):
-                raise ValueError(f"weight_map must name files in {d}")
-    elif not files[0][1].exists() and [*d.glob("pytorch_model*.bin"), *d.glob("*.pt")]:
-        raise ValueError(f"{d} has weights only as pickles (.bin/.pt); tah loads safetensors only. "
-                         "Convert them to model.safetensors with a tool you trust.")
-    if model.tah.lora_r:
-        files.append(("lora", d / FILES["lora"]))
-    if model.decider is not None:  # ours, or else the authors' torch.save dict
-        ours, theirs = d / FILES["decider"], d / "iter_decider.bin"
-        files.append(("decider", theirs if theirs.exists() and not ours.exists() else ours))
-    return files
+class KVCache:
+    """Keys and values of every layer and depth for generation, written at explicit slots.
+    Slot s of depth d lives at index (d - 1) * max_len + s (depth-major), so everything a query
+    of depth d may see (the lower depths whole, its own depth up to the newest slot) is one view:
+    nothing is copied per step. `valid` (B, max_iter * max_len) marks the entries that exist."""
 
+    def __init__(self, model: "TaH", batch_size: int, max_len: int, device=None, dtype=None):
+        config, max_iter, self.max_len = model.config, model.tah.max_iter, max_len
+        weight = model.model.embed_tokens.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        shape = (batch_size, config.num_key_value_heads, max_iter * max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype)
+                  for _ in range(config.num_hidden_layers)]  # per layer (B, G, D*S, K)
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.pos = torch.zeros(batch_size, max_iter * max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_iter * max_len, dtype=torch.bool, device=device)
+        slot = torch.arange(max_iter * max_len, device=device)[None]  # (1, D*S)
+        self.depth = slot // max_len + 1  # (1, D*S): the depth each slot belongs to
 
-def _tensors(f: Path, device, dtype) -> dict[str, torch.Tensor]:
-    """The tensors of file f under the model's names; floating-point ones cast to dtype."""
-    if f.name == "iter_decider.bin":  # the authors' torch.save dict: class, init_args, state_dict
-        state = torch.load(f, map_location=device, weights_only=True)["state_dict"]
-        state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
-        return {"decider." + k: v.to(dtype) if v.is_floating_point() else v
-                for k, v in state.items()}
-    prefix = "base_model.model." if f.parent.name == "lora" else ""  # PEFT's names
-    add = "decider." if f.name == "decider.safetensors" else ""
-    out = {}
-    with safe_open(str(f), framework="pt", device=str(device)) as st:
-        for k in st.keys():  # one tensor at a time: never a second copy of the model
-            t = st.get_tensor(k)
-            t = t.to(dtype) if t.is_floating_point() else t
-            # a tensor at an unaligned address in the file's buffer slows matmuls by ~12%: copy it
-            out[add + k.removeprefix(prefix)] = t.clone() if t.data_ptr() % 64 else t
-    return out
+    def write_meta(self, depth: int, slots, pos, valid, end: int) -> tuple[torch.Tensor, ...]:
+        """Records positions/validity (B, T_d) of new entries; returns the positions, depths
+        and validity (B, n) of the n = (depth - 1) * max_len + end entries a query sees."""
+        at = (depth - 1) * self.max_len + slots  # (B, T_d)
+        self.pos.scatter_(1, at, pos)
+        self.valid.scatter_(1, at, valid)
+        n = (depth - 1) * self.max_len + end
+        return self.pos[:, :n], self.depth[:, :n], self.valid[:, :n]
 
+    def write(self, layer: int, depth: int, slots, k, v, end: int) -> tuple[torch.Tensor, ...]:
+        """Stores new keys/values (B, G, T_d, K) at their slots; returns (B, G, n, K) views."""
+        at = ((depth - 1) * self.max_len + slots)[:, None, :, None].expand_as(k)  # (B, G, T_d, K)
+        self.k[layer].scatter_(2, at, k)
+        self.v[layer].scatter_(2, at, v)
+        n = (depth - 1) * self.max_len + end
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
-def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> TaH:
-    """Loads a Qwen3 or TaH checkpoint as it is on disk: a local directory or a hub id. Reads
-    config.json and model.safetensors (or its shards); with tah_config.json also lora/ and the
-    decider (decider.safetensors, or the authors' iter_decider.bin). dtype defaults to float32
-    on the CPU and bfloat16 elsewhere; the decider stays float32. Strict: a file that is missing,
-    damaged or at odds with the others (a tensor missing, unexpected or of another shape than
-    the configs say) is an error that names it. To add new TaH parts, see `add_parts`."""
-    d = resolve(path_or_id)
-    with reading(d / "config.json"):
-        config = Qwen3Config.from_dict(read_json(d / "config.json"))
-    tah_file, peft = d / "tah_config.json", d / "lora" / "adapter_config.json"
-    with reading(tah_file if tah_file.exists() else d / "config.json"):
-        tah = TaHConfig.from_json(read_json(tah_file), config) if tah_file.exists() else \
-            TaHConfig(lora_r=0)  # a plain Qwen3
-        with torch.device("meta"):
-            model = TaH(config, tah)  # torch checks the rest of the values as it builds
-    if tah.lora_r and peft.exists():  # PEFT's own record of the adapter must agree
-        with reading(peft):
-            j, ours = read_json(peft), (tah.lora_r, tah.lora_alpha)
-            if (j.get("r", ours[0]), j.get("lora_alpha", ours[1])) != ours:
-                raise ValueError(f"r, lora_alpha = {j.get('r')}, {j.get('lora_alpha')} disagree "
-                                 f"with tah_config.json's {ours}")
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    state, files = {}, _checkpoint_files(d, model)
-    for part, f in files:
-        with reading(f):
-            tensors = _tensors(f, device, torch.float32 if part == "decider" else dtype)
-            if [k for k in tensors if _owner(k) != part]:  # a file may fill only its own part
-                raise ValueError(f"unexpected {[k for k in tensors if _owner(k) != part][:10]}")
-        state |= tensors
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # stored by the file or not
-    with reading(", ".join(str(f) for _, f in files)):
-        model.load_state_dict(state, strict=True, assign=True)  # missing, unexpected, shapes
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
-
-
-def add_parts(model: TaH, tah: TaHConfig) -> TaH:
-    """`model` with the TaH settings `tah`, for training: it keeps every weight `model` has
-    (shared, not copied), and a LoRA adapter or decider that `tah` asks for and `model` lacks
-    starts fresh: the LoRA as a no-op (B = 0), the decider at its initialisation, in fp32."""
-    p = model.lm_head.weight
-    with torch.device("meta"):
-        new = TaH(model.config, tah)
-    new.load_state_dict(model.state_dict(), strict=False, assign=True)  # what model has
-    for m in new.modules():  # what it lacks is still on the meta device
-        if isinstance(m, LoRALinear) and m.lora_A is not None and m.lora_A.weight.is_meta:
-            m.lora_A.to_empty(device=p.device).to(p.dtype)
-            m.lora_B.to_empty(device=p.device).to(p.dtype)
-            m.reset_lora()
-    if new.decider is not None and new.decider.logits_projection.weight.is_meta:
-        new.decider.to_empty(device=p.device).float().reset_parameters()
-    if model.config.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-    return new.train(model.training)
-
-
-def save(model: TaH, path: str | os.PathLike,
-         tokenizer_dir: str | os.PathLike | None = None) -> None:
-    """Writes a checkpoint that `load` reads back exactly, as safetensors + JSON only:
-    config.json and model.safetensors (a plain Hugging Face Qwen3), lora/ (PEFT's layout),
-    decider.safetensors and tah_config.json (the authors' schema). Written to a temporary
-    directory, then swapped in, so an interruption never leaves a half-written checkpoint."""
-    path = Path(path)  # every file and folder made as usual (umask modes), none fixed afterwards
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-    tmp.mkdir(parents=True)
-    parts = {part: {} for part in FILES}
-    for k, v in model.state_dict().items():
-        if not (model.config.tie_word_embeddings and k == "lm_head.weight"):
-            part = _owner(k)  # the names as PEFT and the authors' decider files have them:
-            name = "base_model.model." + k if part == "lora" else k.removeprefix("decider.")
-            parts[part][name] = v.detach().contiguous().cpu()
-    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    jsons = {"config.json": model.config.to_dict() | {"torch_dtype": dtype}}
-    if model.tah != TaHConfig(lora_r=0):  # anything but a plain Qwen3
-        jsons["tah_config.json"] = model.tah.to_json(model.config.hidden_size)
-    if model.tah.lora_r:
-        jsons["lora/adapter_config.json"] = {
-            "peft_type": "LORA", "r": model.tah.lora_r, "lora_alpha": model.tah.lora_alpha,
-            "lora_dropout": model.tah.lora_dropout, "bias": "none", "target_modules":
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-    for part, tensors in parts.items():  # as plain bytes: safetensors' writer makes 0600 files
-        if tensors:
-            (tmp / FILES[part]).parent.mkdir(exist_ok=True)
-            (tmp / FILES[part]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    for name, j in jsons.items():
-        (tmp / name).write_text(json.dumps(j, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json"):
-        if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
-            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-class Tokenizer:
-    """A Hugging Face tokenizer.json read with `tokenizers`, plus Qwen3's chat format by hand.
-    Special tokens are looked up by their strings; a vocabulary without them has no chat format."""
-
-    def __init__(self, directory: Path):
-        with reading(directory / "tokenizer.json"):
-            self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
-        cfg_path, cfg = directory / "tokenizer_config.json", {}
-        if cfg_path.exists():
-            with reading(cfg_path):
-                cfg = read_json(cfg_path)
-        eos = cfg.get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
-        token_id = self.tok.token_to_id
-        self.im_start, self.im_end = token_id("<|im_start|>"), token_id("<|im_end|>")
-        self.think, self.end_think = token_id("<think>"), token_id("</think>")
-        stops = [self.im_end, token_id("<|endoftext|>"), eos and token_id(eos)]
-        self.stop_ids = sorted({i for i in stops if i is not None})
-        self.has_chat = self.im_start is not None and self.im_end is not None
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def chat(self, messages: list[dict], add_generation_prompt: bool = True,
-             enable_thinking: bool = True) -> str:
-        """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant
-        turns keep their <think> block only after the last user turn (the final one shows an
-        empty block if it has none); with thinking off the generation prompt ends with an empty
-        think block."""
-        if not self.has_chat:
-            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat "
-                             "format; give it a raw prompt instead")
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-        out = []
-        for i, m in enumerate(messages):
-            content, reasoning = m["content"], ""
-            if m["role"] == "assistant" and "</think>" in content:
-                reasoning = content.split("</think>")[0].split("<think>")[-1].strip("\n")
-                content = content.split("</think>")[-1].lstrip("\n")
-            if m["role"] == "assistant" and i > last_user and (reasoning or i == len(messages) - 1):
-                content = f"<think>\n{reasoning}\n</think>\n\n{content}"
-            out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
-        if add_generation_prompt:
-            empty_think = "" if enable_thinking else "<think>\n\n</think>\n\n"
-            out.append("<|im_start|>assistant\n" + empty_think)
-        return "".join(out)
-
-
-def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
-    return Tokenizer(resolve(path_or_id))
-
-
-# ----------------------------------------------------------------------------- generation
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only the batch rows `rows` (B,) bool, e.g. those still generating."""
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.pos, self.valid = self.pos[rows], self.valid[rows]
 
 
 def default_device() -> str:
@@ -1020,3 +662,369 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
         pos = pos + 1
         out = model(tok[:, None], policy, positions=pos, cache=cache, start=T + step,
                     threshold=threshold, logits="last")
+
+
+# --- checkpoints (chapters 1 and 6) --------------------------------------------------------------
+# Reading configs (with what tah.py refuses), the authors' layout, load, add_parts, save.
+
+
+def _fill(cls, values: dict, most: dict | None = None):
+    """A `cls` dataclass with `values` for its fields (absent or null: the default), each of its
+    default's type; integers in [1, 2**20], numbers >= 0 and finite, at most `most[field]`."""
+    obj = cls()
+    for f in fields(cls):
+        v, default = values.get(f.name), getattr(obj, f.name)
+        if v is None or default is None:  # absent, or a token id (tah.py never reads those)
+            continue
+        kind, number = type(default), type(default) in (int, float)
+        low, top = (1, 2**20) if kind is int else (0, 1e30)
+        top = (most or {}).get(f.name, top)
+        if not (type(v) is kind or kind is float and type(v) is int) or \
+                number and not low <= v <= top:  # NaN and inf fail the bound too
+            raise ValueError(f"{f.name} is {v!r}; it must be {kind.__name__}" +
+                             f" in [{low}, {top}]" * number)
+        setattr(obj, f.name, v)
+    return obj
+
+
+def qwen3_config(d: dict) -> Qwen3Config:
+    """The known keys of a config.json; refuses what tah.py does not implement."""
+    if d.get("model_type", "qwen3") != "qwen3":
+        raise ValueError(f"model_type is {d['model_type']!r}; tah.py implements only 'qwen3' "
+                         "(Qwen3 dense models such as Qwen/Qwen3-0.6B-Base)")
+    for rope in (d.get("rope_scaling"), d.get("rope_parameters")):  # older, newer transformers
+        if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError("it asks for scaled RoPE; tah.py implements only plain RoPE")
+    if d.get("attention_bias") or d.get("use_sliding_window"):
+        raise ValueError("it asks for attention biases or sliding windows; Qwen3 dense models "
+                         "use neither and tah.py implements neither")
+    rope_theta = (d.get("rope_parameters") or {}).get("rope_theta")  # where newer ones keep it
+    cfg = _fill(Qwen3Config, {"rope_theta": rope_theta, "torch_dtype": d.get("dtype"), **d})
+    if d.get("head_dim") is None:  # older configs: hidden_size split over the heads
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    if cfg.num_attention_heads % cfg.num_key_value_heads or cfg.head_dim % 2:
+        raise ValueError(f"num_attention_heads ({cfg.num_attention_heads}) must be a multiple "
+                         f"of num_key_value_heads ({cfg.num_key_value_heads}), head_dim "
+                         f"({cfg.head_dim}) even")
+    return cfg
+
+
+IMPLEMENTED = {  # tah_config.json's variants in the authors' code -> those tah.py implements
+    "input_updater": (None, "TrivialUpdater"),  # with topk: the top-k soft token
+    "output_updater": (None, "AdditiveLogitsUpdater"),  # z1 + z2
+    "iter_attention_mode": (None, "duo"),  # duo-causal attention
+    "iter_label_generator": (None, "FixedIterLabelGenerator", "DynamicMismatchIterLabelGenerator"),
+    "adapter": (None, "lora"),
+    "iter_decider": (None, "MLPIterDecider", "IterLabelDecider"),  # the last: oracle labels only
+}
+SCHEMA = {  # tah_config.json's keys ("group.key": `key` in the object `group`) -> TaHConfig's
+    "max_iter": "max_iter", "input_updater_kwargs.topk": "input_topk",
+    "adapter_kwargs.r": "lora_r", "adapter_kwargs.lora_alpha": "lora_alpha",
+    "adapter_kwargs.lora_dropout": "lora_dropout",
+    "iter_decider_kwargs.hidden_states_layer_nums": "decider_layers",
+    "iter_decider_kwargs.topk": "decider_topk", "iter_decider_kwargs.hidden_dims": "decider_dims",
+    "iter_decider_kwargs.expansion_factor": "decider_expansion",
+    "iter_decider_kwargs.dropout_rate": "decider_dropout",
+    "iter_decider_kwargs.threshold": "threshold"}
+
+
+def tah_config(j: dict, config: Qwen3Config) -> TaHConfig:
+    """Reads a tah_config.json in the authors' schema (`tah_config_json` writes it) for the
+    backbone `config`; refuses the variants tah.py does not implement."""
+    flat = j | {f"{group}.{k}": v for group, kwargs in j.items() if type(kwargs) is dict
+                for k, v in kwargs.items()}
+    for key, ok in IMPLEMENTED.items():
+        if j.get(key) not in ok:
+            raise ValueError(f"{key} = {j[key]!r}: tah.py implements only {ok[1:]}")
+    if flat.get("input_updater_kwargs.use_hidden_states") or \
+            flat.get("input_updater_kwargs.topk", 0) is None or \
+            flat.get("iter_decider_kwargs.normalize_input"):
+        raise ValueError("it asks for a hidden-state or full-softmax input to pass 2, or a "
+                         "normalised decider input; tah.py implements neither")
+    lora, decider = j.get("adapter") == "lora", j.get("iter_decider") == "MLPIterDecider"
+    if lora and None in (flat.get("adapter_kwargs.r"), flat.get("adapter_kwargs.lora_alpha")):
+        raise ValueError("adapter_kwargs must give r and lora_alpha")
+    V, L = config.vocab_size, config.num_hidden_layers
+    t = _fill(TaHConfig, {ours: flat.get(theirs) for theirs, ours in SCHEMA.items()}, most=dict(
+        input_topk=V, decider_topk=V, lora_dropout=1, decider_dropout=1, threshold=1))
+    t.lora_r = t.lora_r if lora else 0
+    t.decider_layers = flat.get("iter_decider_kwargs.hidden_states_layer_nums")  # _fill skips
+    if decider and not (type(t.decider_layers) is list and t.decider_layers and
+                        all(type(i) is int and 0 <= i <= L for i in t.decider_layers)):
+        raise ValueError(f"hidden_states_layer_nums is {t.decider_layers!r}; it must list "
+                         f"hidden-state indices in [0, {L}]")
+    t.decider_layers = t.decider_layers if decider else None
+    return t
+
+
+def tah_config_json(t: TaHConfig, hidden_size: int) -> dict:
+    """The authors' tah_config.json schema for `t`, which `tah_config` reads back."""
+    lora, decider = t.lora_r > 0, t.decider_layers is not None
+    j = {"max_iter": t.max_iter, "iter_attention_mode": "duo", "input_updater_kwargs": {},
+         "output_updater": "AdditiveLogitsUpdater", "adapter": "lora" if lora else None,
+         "iter_decider": "MLPIterDecider" if decider else None}
+    if lora:
+        j["adapter_kwargs"] = {"target_modules": "all-linear", "bias": "none"}
+    if decider:
+        j["iter_decider_kwargs"] = {"hidden_states_size": hidden_size, "normalize_input": False,
+                                    "max_iter": t.max_iter}
+    for theirs, ours in SCHEMA.items():
+        group, _, key = theirs.rpartition(".")
+        if not group or group in j:  # the groups of the parts this model has
+            (j[group] if group else j)[key] = getattr(t, ours)
+    return j
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as it is, or a hub id ("Qwen/Qwen3-0.6B") downloaded to the local cache."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_id)
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such model directory "
+                                "(a hub id looks like 'Qwen/Qwen3-0.6B')")
+    try:
+        from huggingface_hub import snapshot_download
+        files = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # no code
+        return Path(snapshot_download(name, allow_patterns=files))
+    except Exception as e:
+        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: "
+                      f"{e}). Offline? Where you have a network, `hf download {name} --local-dir "
+                      "DIR`; copy DIR here and pass that directory instead of the id.") from None
+
+
+@contextmanager
+def reading(path):
+    """The one guard around reading a file: what json, safetensors, torch.load, tokenizers or
+    load_state_dict report about it becomes one line that names it (FileNotFoundError if it is
+    missing, else ValueError)."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, FileNotFoundError) or isinstance(path, Path) and not path.exists():
+            raise FileNotFoundError(f"{getattr(e, 'filename', None) or path} is missing: the "
+                                    "checkpoint is not whole; download or save it again") from None
+        why = " ".join(str(e).split())  # the library's message, on one line
+        why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}"
+        if isinstance(e, pickle.UnpicklingError):  # torch's own would invite weights_only=False
+            why = "torch.load(weights_only=True) refuses it: it holds more than tensors"
+        raise ValueError(f"{path}: {why[:400]}; the file is damaged or does not belong with the "
+                         "others: fix it, or download or save the checkpoint again") from None
+
+
+def read_json(path: Path) -> dict:
+    j = json.loads(path.read_text(encoding="utf-8"))
+    if type(j) is not dict:
+        raise ValueError("it does not hold a JSON object")
+    return j
+
+
+FILES = {"model": "model.safetensors", "lora": "lora/adapter_model.safetensors",
+         "decider": "decider.safetensors"}  # the parts of a checkpoint
+
+
+def _owner(key: str) -> str:
+    """The part of a checkpoint that stores the model's tensor `key`."""
+    return "lora" if ".lora_" in key else "decider" if key.startswith("decider.") else "model"
+
+
+def _checkpoint_files(d: Path, model: TaH) -> list[tuple[str, Path]]:
+    """(part, file) for each file of the checkpoint in d that `model` (built from it) reads."""
+    files = [("model", d / FILES["model"])]
+    index = d / "model.safetensors.index.json"
+    if index.exists():  # shards
+        with reading(index):
+            files = [("model", d / s) for s in sorted(set(read_json(index)["weight_map"].values()))]
+            if any(f.parent != d for _, f in files):
+                raise ValueError(f"weight_map must name files in {d}")
+    elif not files[0][1].exists() and [*d.glob("pytorch_model*.bin"), *d.glob("*.pt")]:
+        raise ValueError(f"{d} has weights only as pickles (.bin/.pt); tah loads safetensors only. "
+                         "Convert them to model.safetensors with a tool you trust.")
+    if model.tah.lora_r:
+        files.append(("lora", d / FILES["lora"]))
+    if model.decider is not None:  # ours, or else the authors' torch.save dict
+        ours, theirs = d / FILES["decider"], d / "iter_decider.bin"
+        files.append(("decider", theirs if theirs.exists() and not ours.exists() else ours))
+    return files
+
+
+def _tensors(f: Path, device, dtype) -> dict[str, torch.Tensor]:
+    """The tensors of file f under the model's names; floating-point ones cast to dtype."""
+    if f.name == "iter_decider.bin":  # the authors' torch.save dict: class, init_args, state_dict
+        state = torch.load(f, map_location=device, weights_only=True)["state_dict"]
+        state.pop("threshold", None)  # tah_config.json's threshold wins, as in the authors' loader
+        return {"decider." + k: v.to(dtype) if v.is_floating_point() else v
+                for k, v in state.items()}
+    prefix = "base_model.model." if f.parent.name == "lora" else ""  # PEFT's names
+    add = "decider." if f.name == "decider.safetensors" else ""
+    out = {}
+    with safe_open(str(f), framework="pt", device=str(device)) as st:
+        for k in st.keys():  # one tensor at a time: never a second copy of the model
+            t = st.get_tensor(k)
+            t = t.to(dtype) if t.is_floating_point() else t
+            # a tensor at an unaligned address in the file's buffer slows matmuls by ~12%: copy it
+            out[add + k.removeprefix(prefix)] = t.clone() if t.data_ptr() % 64 else t
+    return out
+
+
+def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> TaH:
+    """Loads a Qwen3 or TaH checkpoint as it is on disk: a local directory or a hub id. Reads
+    config.json and model.safetensors (or its shards); with tah_config.json also lora/ and the
+    decider (decider.safetensors, or the authors' iter_decider.bin). dtype defaults to float32
+    on the CPU and bfloat16 elsewhere; the decider stays float32. Strict: a file that is missing,
+    damaged or at odds with the others (a tensor missing, unexpected or of another shape than
+    the configs say) is an error that names it. To add new TaH parts, see `add_parts`."""
+    d = resolve(path_or_id)
+    with reading(d / "config.json"):
+        config = qwen3_config(read_json(d / "config.json"))
+    tah_file, peft = d / "tah_config.json", d / "lora" / "adapter_config.json"
+    with reading(tah_file if tah_file.exists() else d / "config.json"):
+        tah = tah_config(read_json(tah_file), config) if tah_file.exists() else \
+            TaHConfig(lora_r=0)  # a plain Qwen3
+        with torch.device("meta"):
+            model = TaH(config, tah)  # torch checks the rest of the values as it builds
+    if tah.lora_r and peft.exists():  # PEFT's own record of the adapter must agree
+        with reading(peft):
+            j, ours = read_json(peft), (tah.lora_r, tah.lora_alpha)
+            if (j.get("r", ours[0]), j.get("lora_alpha", ours[1])) != ours:
+                raise ValueError(f"r, lora_alpha = {j.get('r')}, {j.get('lora_alpha')} disagree "
+                                 f"with tah_config.json's {ours}")
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    state, files = {}, _checkpoint_files(d, model)
+    for part, f in files:
+        with reading(f):
+            tensors = _tensors(f, device, torch.float32 if part == "decider" else dtype)
+            if [k for k in tensors if _owner(k) != part]:  # a file may fill only its own part
+                raise ValueError(f"unexpected {[k for k in tensors if _owner(k) != part][:10]}")
+        state |= tensors
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # stored by the file or not
+    with reading(", ".join(str(f) for _, f in files)):
+        model.load_state_dict(state, strict=True, assign=True)  # missing, unexpected, shapes
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def add_parts(model: TaH, tah: TaHConfig) -> TaH:
+    """`model` with the TaH settings `tah`, for training: it keeps every weight `model` has
+    (shared, not copied), and a LoRA adapter or decider that `tah` asks for and `model` lacks
+    starts fresh: the LoRA as a no-op (B = 0), the decider at its initialisation, in fp32."""
+    p = model.lm_head.weight
+    with torch.device("meta"):
+        new = TaH(model.config, tah)
+    new.load_state_dict(model.state_dict(), strict=False, assign=True)  # what model has
+    for m in new.modules():  # what it lacks is still on the meta device
+        if isinstance(m, LoRALinear) and m.lora_A is not None and m.lora_A.weight.is_meta:
+            m.lora_A.to_empty(device=p.device).to(p.dtype)
+            m.lora_B.to_empty(device=p.device).to(p.dtype)
+            m.reset_lora()
+    if new.decider is not None and new.decider.logits_projection.weight.is_meta:
+        new.decider.to_empty(device=p.device).float().reset_parameters()
+    if model.config.tie_word_embeddings:
+        new.lm_head.weight = new.model.embed_tokens.weight
+    return new.train(model.training)
+
+
+def save(model: TaH, path: str | os.PathLike,
+         tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Writes a checkpoint that `load` reads back exactly, as safetensors + JSON only:
+    config.json and model.safetensors (a plain Hugging Face Qwen3), lora/ (PEFT's layout),
+    decider.safetensors and tah_config.json (the authors' schema). Written to a temporary
+    directory, then swapped in, so an interruption never leaves a half-written checkpoint."""
+    path = Path(path)  # every file and folder made as usual (umask modes), none fixed afterwards
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+    tmp.mkdir(parents=True)
+    parts = {part: {} for part in FILES}
+    for k, v in model.state_dict().items():
+        if not (model.config.tie_word_embeddings and k == "lm_head.weight"):
+            part = _owner(k)  # the names as PEFT and the authors' decider files have them:
+            name = "base_model.model." + k if part == "lora" else k.removeprefix("decider.")
+            parts[part][name] = v.detach().contiguous().cpu()
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    jsons = {"config.json": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                             **asdict(model.config), "torch_dtype": dtype}}
+    if model.tah != TaHConfig(lora_r=0):  # anything but a plain Qwen3
+        jsons["tah_config.json"] = tah_config_json(model.tah, model.config.hidden_size)
+    if model.tah.lora_r:
+        jsons["lora/adapter_config.json"] = {
+            "peft_type": "LORA", "r": model.tah.lora_r, "lora_alpha": model.tah.lora_alpha,
+            "lora_dropout": model.tah.lora_dropout, "bias": "none", "target_modules":
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    for part, tensors in parts.items():  # as plain bytes: safetensors' writer makes 0600 files
+        if tensors:
+            (tmp / FILES[part]).parent.mkdir(exist_ok=True)
+            (tmp / FILES[part]).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    for name, j in jsons.items():
+        (tmp / name).write_text(json.dumps(j, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json"):
+        if tokenizer_dir and (Path(tokenizer_dir) / name).exists():
+            shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- tokenizer (chapter 7) -----------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer.json read with `tokenizers`, plus Qwen3's chat format by hand.
+    Special tokens are looked up by their strings; a vocabulary without them has no chat format."""
+
+    def __init__(self, directory: Path):
+        with reading(directory / "tokenizer.json"):
+            self.tok = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        cfg_path, cfg = directory / "tokenizer_config.json", {}
+        if cfg_path.exists():
+            with reading(cfg_path):
+                cfg = read_json(cfg_path)
+        eos = cfg.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        token_id = self.tok.token_to_id
+        self.im_start, self.im_end = token_id("<|im_start|>"), token_id("<|im_end|>")
+        self.think, self.end_think = token_id("<think>"), token_id("</think>")
+        stops = [self.im_end, token_id("<|endoftext|>"), eos and token_id(eos)]
+        self.stop_ids = sorted({i for i in stops if i is not None})
+        self.has_chat = self.im_start is not None and self.im_end is not None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True,
+             enable_thinking: bool = True) -> str:
+        """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant
+        turns keep their <think> block only after the last user turn (the final one shows an
+        empty block if it has none); with thinking off the generation prompt ends with an empty
+        think block."""
+        if not self.has_chat:
+            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat "
+                             "format; give it a raw prompt instead")
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        out = []
+        for i, m in enumerate(messages):
+            content, reasoning = m["content"], ""
+            if m["role"] == "assistant" and "</think>" in content:
+                reasoning = content.split("</think>")[0].split("<think>")[-1].strip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+            if m["role"] == "assistant" and i > last_user and (reasoning or i == len(messages) - 1):
+                content = f"<think>\n{reasoning}\n</think>\n\n{content}"
+            out.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
+        if add_generation_prompt:
+            empty_think = "" if enable_thinking else "<think>\n\n</think>\n\n"
+            out.append("<|im_start|>assistant\n" + empty_think)
+        return "".join(out)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike) -> Tokenizer:
+    return Tokenizer(resolve(path_or_id))

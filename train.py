@@ -802,7 +802,7 @@ def check_args(a) -> None:
         try:
             d = tah.resolve(getattr(a, flag))
             with tah.reading(d / "config.json"):
-                config = tah.Qwen3Config.from_dict(tah.read_json(d / "config.json"))
+                config = tah.qwen3_config(tah.read_json(d / "config.json"))
             tok = tah.load_tokenizer(d) if flag == "model" else None
         except (OSError, ValueError) as e:
             fail(f"--{flag} {getattr(a, flag)}: not a Qwen3 checkpoint ({type(e).__name__}: {e}); "

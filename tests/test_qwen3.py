@@ -136,7 +136,7 @@ QWEN3_0_6B = {
 
 
 def test_qwen3_0_6b_config_shapes_and_parameter_count():
-    cfg = tah.Qwen3Config.from_dict(QWEN3_0_6B)
+    cfg = tah.qwen3_config(QWEN3_0_6B)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (1024, 3072, 28)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (16, 8, 128)
     assert (cfg.vocab_size, cfg.max_position_embeddings) == (151936, 40960)
@@ -155,8 +155,8 @@ def test_qwen3_0_6b_config_shapes_and_parameter_count():
 def test_rope_parameters_form_gives_the_same_theta():
     newer = {k: v for k, v in QWEN3_0_6B.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
     newer |= {"rope_parameters": {"rope_theta": 1000000, "rope_type": "default"}, "dtype": "bfloat16"}
-    assert tah.Qwen3Config.from_dict(newer) == tah.Qwen3Config.from_dict(QWEN3_0_6B)
-    assert tah.Qwen3Config.from_dict(newer | {"rope_parameters": {"rope_theta": 5e5}}).rope_theta == 5e5
+    assert tah.qwen3_config(newer) == tah.qwen3_config(QWEN3_0_6B)
+    assert tah.qwen3_config(newer | {"rope_parameters": {"rope_theta": 5e5}}).rope_theta == 5e5
 
 
 # ----------------------------------------------------------------------------- loading
@@ -241,7 +241,7 @@ def test_load_reads_into_the_model_without_a_second_copy(tiny_dir, monkeypatch):
 @given(cfg=qwen3_configs(), seed=st.integers(0, 2**16), T=st.integers(2, 10), data=st.data())
 def test_cached_decode_equals_full_forward(cfg, seed, T, data):
     torch.manual_seed(seed)
-    model = tah.TaH(tah.Qwen3Config.from_dict(cfg)).eval()
+    model = tah.TaH(tah.qwen3_config(cfg)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(1.0 if p.dim() == 1 else 0.0, 0.15)

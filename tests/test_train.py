@@ -88,7 +88,7 @@ def test_chunked_loss_equals_the_whole_logits(tie, bf16, monkeypatch):
     assert model(ids, passes, valid=valid).iter_count.gt(1).sum() > 4
     g1 = torch.autograd.grad(ours, params, allow_unused=True)
     g2 = torch.autograd.grad(ref, params, allow_unused=True)
-    rtol = 1e-2 if bf16 else 1e-5
+    rtol = 3e-2 if bf16 else 1e-5  # bf16 keeps 8 bits: a few roundings apart
     assert abs(ours.item() - ref.item()) <= rtol * abs(ref.item())
     for (name, _), x, y in zip(model.named_parameters(), g1, g2):
         assert (x is None) == (y is None), name
