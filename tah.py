@@ -273,8 +273,7 @@ class Output:
 
     logits: torch.Tensor | None  # (B, n, V): z1, plus z2 where a token iterated
     iter_count: torch.Tensor  # (B, T) passes each token got
-    passes: list[torch.Tensor]  # per pass its final hidden states (B, T, H), after the final
-    # norm: h1 for every token, h2 where a token got pass 2 (zero elsewhere), ...
+    passes: list[torch.Tensor]  # per pass, final-norm hidden states (B, T, H); 0 where not run
     continue_logit: torch.Tensor | None = None  # (B, T) decider logit after pass 1
     hidden_states: list[torch.Tensor] | None = None  # pass 1's, index 0..L as `_pass` numbers them
 
@@ -339,20 +338,14 @@ class TaH(nn.Module):
                               mode="sum")  # (n, H) for the n = prod(...) tokens
         return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
-    def head_topk(self, h: torch.Tensor, k: int, z: torch.Tensor | None = None,
-                  chunk: int = 256) -> tuple[torch.Tensor, ...]:
+    def head_topk(self, h: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, ...]:
         """Top-k values and ids (B, T, k) of the logits lm_head(h) of hidden states h (B, T, H),
-        made `chunk` rows at a time: no (B, T, V) tensor. The last n positions' come from z
-        (B, n, V), their logits, where the caller has made those already."""
+        made `chunk` rows at a time: no (B, T, V) tensor."""
         B, T, H = h.shape
-        n = 0 if z is None else z.shape[1]
         tops = [self.lm_head(rows).topk(k, dim=-1)  # (chunk, V) logits, then only (chunk, k)
-                for rows in h[:, :T - n].reshape(-1, H).split(chunk)]
-        values = torch.cat([t.values for t in tops]).view(B, T - n, k)
-        ids = torch.cat([t.indices for t in tops]).view(B, T - n, k)
-        if n:
-            values, ids = (torch.cat(pair, 1) for pair in zip((values, ids), z.topk(k, dim=-1)))
-        return values, ids
+                for rows in h.reshape(B * T, H).split(chunk)]
+        values, ids = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
+        return values.view(B, T, k), ids.view(B, T, k)
 
     def topk_at(self, idx: torch.Tensor, passes: list[torch.Tensor], top=None,
                 k: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -364,24 +357,26 @@ class TaH(nn.Module):
             return tuple(t[rows, idx, :k] for t in top)
         return self.head_topk(sum(p[rows, idx] for p in passes), k)
 
-    def add_logit_residual(self, z: torch.Tensor, out: Output, start: int) -> torch.Tensor:
+    def add_logit_residual(self, z: torch.Tensor, out: Output, start: int,
+                           depth: int | None = None) -> torch.Tensor:
         """The logit residual, in place: to z (B, n, V), pass 1's logits z1 of positions start..,
-        adds z_d = lm_head(h_d) of each later pass d, only where a token got it. Returns z."""
-        for d, h in enumerate(out.passes[1:], start=2):
+        adds z_d = lm_head(h_d) of each later pass d (up to `depth`) where a token got it."""
+        for d, h in enumerate(out.passes[1:depth], start=2):
             b, t = (out.iter_count[:, start:start + z.shape[1]] >= d).nonzero(as_tuple=True)
             z.index_put_((b, t), self.lm_head(h[b, start + t]), accumulate=True)  # z_d (n_d, V)
         return z
 
-    def final_logits(self, out: Output, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """The final logits (B, end - start, V) of positions start..end-1, z1 plus the residual,
-        from the passes' hidden states: how a training step makes its logits, a chunk at a time."""
-        return self.add_logit_residual(self.lm_head(out.passes[0][:, start:end]), out, start)
+    def final_logits(self, out: Output, start: int = 0, end: int | None = None,
+                     depth: int | None = None) -> torch.Tensor:
+        """The logits (B, end - start, V) of positions start..end-1 after `depth` passes (all by
+        default), from the passes' hidden states: how a training step makes them, in chunks."""
+        z = self.lm_head(out.passes[0][:, start:end])  # z1
+        return self.add_logit_residual(z, out, start, depth)
 
     def _pass(self, x: torch.Tensor, keys: Keys, keep: set[int] = frozenset()):
-        """Runs every layer at one depth over the tokens x (B, T_d, H), whose keys, mask and
-        RoPE are the view `keys`. Returns the last layer's output and the hidden states whose
-        index is in `keep`: 0 = the input, k = layer k's output; `forward` then puts the final
-        norm's output at index L, as Hugging Face numbers hidden states (what the decider reads)."""
+        """Runs every layer at one depth over the tokens x (B, T_d, H), with the view `keys`.
+        Returns the last layer's output and the hidden states whose index is in `keep`: 0 = the
+        input, k = layer k's output (`forward` sets L to the final norm's, as Hugging Face does)."""
         lora = keys.depth > 1  # the adapter belongs to pass 2 and later
         kept = {0: x} if 0 in keep else {}
         for i, layer in enumerate(self.model.layers):
@@ -399,9 +394,8 @@ class TaH(nn.Module):
                 output_hidden_states: bool = False, logits: str = "all") -> Output:
         """input_ids (B, T) occupy cache slots start..start+T-1. `valid` (B, T) marks real tokens
         (False = padding); positions (B, T) default to the count of real tokens before each.
-        `logits` names the positions whose final logits the Output holds: "all" (B, T, V),
-        "last" (B, 1, V: what generation samples from) or "none" (a training step makes them in
-        chunks with `final_logits`). No other (B, T, V) tensor is made."""
+        `logits`: whose final logits Output holds, "all", "last" (generation samples from them) or
+        "none" (training makes them in chunks, `final_logits`). No other (B, T, V) is made."""
         B, T = input_ids.shape
         L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
@@ -418,7 +412,6 @@ class TaH(nn.Module):
         if n is None:
             raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
         use_decider = named and self.decider is not None  # its logit comes with every named policy
-        iterates = not named or policy != "standard"  # some token may get pass 2
         keep = set(range(L + 1)) if output_hidden_states else set()
         if use_decider:
             keep |= set(self.tah.decider_layers)
@@ -432,9 +425,10 @@ class TaH(nn.Module):
         h = kept[L] = self.model.norm(x)  # (B, T, H): hidden-state index L, the final norm's
         hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
         z = self.lm_head(h[:, T - n:])  # z1 (B, n, V) of the positions whose logits are returned
-        # pass 1's top-k at every position, where the decider needs it or z has it for free
-        k = max(self.tah.input_topk, self.tah.decider_topk if use_decider else 0)
-        top = self.head_topk(h, k, z) if use_decider or iterates and n == T else None
+        top = None  # pass 1's top-k at every position, made for the decider or free from z
+        if use_decider or n == T and not (named and policy == "standard"):  # (soft tokens reuse it)
+            k = max(self.tah.input_topk, self.tah.decider_topk if use_decider else 0)
+            top = z.topk(k, dim=-1) if n == T else self.head_topk(h, k)
 
         # decide: the decider (or the policy) picks the hard tokens
         continue_logit = self.decider(kept, top[0]) if use_decider else None
@@ -624,12 +618,10 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
              policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
              **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Streams (tokens (B,), passes (B,)) one step at a time. `passes` is how many passes the
-    position that predicted the token got. Prompts are left-padded, with `valid` marking real
-    tokens. Prefill runs the full TaH forward (the decider acts on prompt tokens too); each
-    decode step is pass 1, decider and, if chosen, pass 2, through a KV cache per depth.
-    A row that emitted a stop id leaves the batch (it costs nothing more) and keeps yielding
-    that id with passes 0."""
+    """Streams (tokens (B,), passes (B,)) one step at a time; `passes` is how many passes the
+    position that predicted the token got. Prompts are left-padded, `valid` marking real tokens.
+    Prefill is the full TaH forward; each decode step is pass 1, decider and maybe pass 2, through
+    a KV cache per depth. A row that emitted a stop id leaves the batch, yielding it, passes 0."""
     ids = torch.as_tensor(input_ids, device=model.lm_head.weight.device)
     ids = ids[None] if ids.dim() == 1 else ids
     B, T = ids.shape

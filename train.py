@@ -286,23 +286,18 @@ def rows_with_hard_tokens(run, data: dict, labels, rows) -> torch.Tensor:
     return rows if keep else rows[hard]
 
 def chunked_ce(model, out: tah.Output, tgt: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the final logits against tgt (B, T), CE_CHUNK positions at a time:
-    each chunk's logits (z1, and z2 where a token iterated) are made from the passes' hidden
-    states, upcast to fp32 and dropped; in training each chunk is made again in backward. No
-    (T, V) tensor ever lives, neither the logits nor their gradients."""
-    chunk = CE_CHUNK
+    """Summed cross-entropy of the final logits against tgt (B, T), CE_CHUNK positions at a time,
+    each chunk's logits made from the passes' hidden states, upcast, dropped, and in training made
+    again in backward: no (T, V) tensor ever lives, neither the logits nor their gradients."""
     def ce(s: int) -> torch.Tensor:
-        z = model.final_logits(out, s, s + chunk).float()  # (B, chunk, V)
-        return F.cross_entropy(z.flatten(0, 1), tgt[:, s:s + chunk].flatten(), reduction="sum")
+        z = model.final_logits(out, s, s + CE_CHUNK).float()  # (B, chunk, V)
+        return F.cross_entropy(z.flatten(0, 1), tgt[:, s:s + CE_CHUNK].flatten(), reduction="sum")
     run = partial(checkpoint, ce, use_reentrant=False) if out.passes[0].requires_grad else ce
-    return sum(run(s) for s in range(0, tgt.shape[1], chunk))
+    return sum(run(s) for s in range(0, tgt.shape[1], CE_CHUNK))
 
-def argmax(model, out: tah.Output, first: bool = False) -> torch.Tensor:
-    """The argmax (B, T) of the final logits of `out`, or of pass 1's (first=True), made
-    CE_CHUNK positions at a time."""
-    def logits(s: int, e: int) -> torch.Tensor:
-        return model.lm_head(out.passes[0][:, s:e]) if first else model.final_logits(out, s, e)
-    return torch.cat([logits(s, s + CE_CHUNK).argmax(-1)
+def argmax(model, out: tah.Output, depth: int | None = None) -> torch.Tensor:
+    """The argmax (B, T) of the logits after `depth` passes (all by default), CE_CHUNK at a time."""
+    return torch.cat([model.final_logits(out, s, s + CE_CHUNK, depth).argmax(-1)
                       for s in range(0, out.iter_count.shape[1], CE_CHUNK)], 1)
 
 def lm_loss(model, b: dict, policy: str):
@@ -599,7 +594,7 @@ def evaluate(run, model, data: dict, labels, policy: str) -> dict:
         with run.amp():  # pass 1's argmax from the same forward: pass 1 never reads pass 2
             out = model(b["ids"], b["passes"] if policy == "oracle" else policy,
                         valid=b["valid"], threshold=run.args.threshold, logits="none")
-            ok, ok1 = (argmax(model, out, first) == b["tgt"] for first in (False, True))
+            ok, ok1 = (argmax(model, out, depth) == b["tgt"] for depth in (None, 1))
             loss = chunked_ce(model, out, b["tgt"])
         scored, it = b["tgt"] >= 0, out.iter_count > 1
         counts = [loss, ok.sum(), scored.sum(), (it & scored).sum(),
