@@ -226,7 +226,7 @@ class Attention(nn.Module):
         v = self.v_proj(x, lora).view(B, T, self.n_kv, self.head_dim)  # (B, T, G, K)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, K)
         q, k = apply_rope(q, *keys.rope), apply_rope(k, *keys.rope)
-        k, v = keys.update(self.layer_idx, k, v)  # (B, G, S, K): every key this depth may see
+        k, v = keys.update(self.layer_idx, k.to(v.dtype), v)  # (B, G, S, K): every key it may see
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys.mask[:, None],
                                            enable_gqa=True)  # mask (B, 1, T, S)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, N*K)
