@@ -229,9 +229,9 @@ def test_trained_toy_page_shows_what_chapter_7_says(tmp_path):
     assert one_hop["text"] == "J" and one_hop["data-passes"] == "1"
     assert float(one_hop["data-prob"]) < 0.01
     assert answer["text"] == "A" and answer["data-passes"] == "2"
-    assert float(answer["data-prob"]) == pytest.approx(0.88, abs=0.005)  # threshold 0.5
+    assert float(answer["data-prob"]) == pytest.approx(0.94, abs=0.005)  # threshold 0.5
     top = json.loads(answer["data-top"])
     pass1, final = top["pass 1 predicted"], top["final (+ pass 2)"]
-    assert [s for _, s, _ in pass1] == ["D", "E", "G", "A", "F"] and pass1[0][2] < 0.28
-    assert 0.16 < pass1[3][2] < 0.17  # the right letter, fourth
-    assert final[0][1] == "A" and final[0][2] > 0.9995
+    assert [s for _, s, _ in pass1] == ["D", "G", "E", "A", "F"] and pass1[0][2] < 0.38
+    assert 0.085 <= pass1[3][2] < 0.095  # the right letter, fourth, at 9%
+    assert final[0][1] == "A" and 0.9985 <= final[0][2] < 0.9995  # 99.9%

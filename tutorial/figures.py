@@ -40,8 +40,9 @@ TOY = ROOT / "tests" / "fixtures" / "toy-tah"  # `python train.py` (defaults, se
 # The token trace's row, one that no training step saw: train.toy_data(300, 0, seed=2), row 124 (a
 # table `k>v`, the separator, then 16 queries `marker letter answer`; `2:` asks for
 # table[table[x]]). Picked for what chapter 7 points out in it: 2-hop queries whose letter maps to
-# itself (2: E, 2: J) and a first answer that pass 1 gets alone (2: H, with H>D and D>H). So fewer
-# of its tokens iterate than on a typical row; the pipeline figure reads a typical one instead.
+# itself (2: E, 2: J) and a first answer that pass 1 gets alone (2: H, with H>D and D>H; 2: D
+# likewise). So fewer of its tokens iterate than on a typical row; the pipeline figure reads a
+# typical one instead.
 TRACE_ROW = ("J>J A>F H>D C>I I>G F>C E>E D>H G>A B>B | 2: H H 1: B B 2: I A 2: E E 2: D D 1: D H "
              "2: E E 2: I A 1: G A 1: G A 1: B B 2: G F 1: B B 1: F C 1: I G 2: J J")
 
