@@ -6,31 +6,26 @@
     python bench/realsize.py --table             # the README's memory table, from the stored fit
     python bench/realsize.py --parts stage1 attention    # some parts, or single checks by id
 
-The models are random Qwen3s at the published shapes; nothing downloads. Each check runs in its
-own process under a time guard (its share of --budget, plus what the earlier ones left), the
-most needed first: an out-of-memory, a crash or a hang is a row of the table. On a GPU (bf16):
-  stage1-*   stage-1 steps by train.py's own train_step and lm_loss, ~15% of the tokens
-             iterating or all (AlwaysThink): the CUDA allocator's peak per phase, tokens/s
-  attention  which SDPA kernel takes tah's duo-causal call; each backend alone: time, memory
-  decode-*   tah.generate against transformers' generate, same weights, greedy; TaH decoding
-             with a share p of the steps iterating
-  pipeline   python train.py --size 0.6b end to end on 40 math rows, then generate.py
-Without a GPU, the CPU rehearsal (Qwen3's tokenizer: --tokenizer DIR with its tokenizer.json and
-tokenizer_config.json; ~15 minutes on 2 idle cores, 12 GB): the pipeline at the 0.6B shape, then
-memory-*: stage-1 steps at 128-768 tokens, fp32 and CPU bf16 autocast, the peak resident memory
-per phase, and the estimator fitted to them. The table (markdown) goes to stdout, the same as
-JSON to --json. For tests, REALSIZE_FAULT="ID=raise" (or "ID=oom", "ID=hang") fails check ID.
+On random Qwen3s, each check in its own process under a time guard (its share of --budget and
+what the earlier ones left), the most needed first; an out-of-memory, a crash or a hang is a row
+of the table. On a GPU: stage-1 steps (train.py's train_step and lm_loss: the CUDA allocator's
+peak per phase, tokens/s), the SDPA kernel of the duo-causal call, decoding against transformers
+and at an iterating share p, train.py --size 0.6b end to end. Without one, the CPU rehearsal
+(DIR: Qwen3's tokenizer.json and tokenizer_config.json; 15 minutes, 12 GB): that pipeline at the
+0.6B shape, stage-1 steps at 128-768 tokens (peak resident memory per phase), the fit to them.
+Markdown to stdout, JSON to --json; REALSIZE_FAULT="ID=raise|oom|hang" fails a check (tests).
 """
 from __future__ import annotations
 
 import argparse, json, os, random, re, shlex, shutil, signal, statistics, subprocess  # noqa: E401
 import sys, tempfile, time, warnings  # noqa: E401
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from collections import namedtuple
+from dataclasses import replace
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: tah.py, train.py, bench/
 sys.path.insert(0, str(ROOT))
@@ -40,103 +35,88 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import tah  # noqa: E402
 import train  # noqa: E402
-from bench import common  # noqa: E402
-from bench.common import GIB, gib  # noqa: E402
+from bench.measure import GIB, Memory, decode_seconds, decode_vs_transformers, forced_passes, \
+    gib, spread, timed  # noqa: E402
 
 HARD = 0.15  # share of the tokens that iterate in stage 1, as in the paper's oracle labels
-# a byte-level BPE with Qwen3's special tokens: the default tokenizer where Qwen3's is not given
+# a tiny Qwen3 with a byte-level BPE that has Qwen3's special tokens: the dry run's model and
+# tokenizer, and the tokenizer of a GPU run without --tokenizer
 BPE = ROOT / "tests" / "fixtures" / "official-tiny"
-# The published shapes (config.json of Qwen/Qwen3-0.6B-Base and -1.7B-Base), and the dry run's
-SHAPES = {"0.6b": tah.Qwen3Config(),
+SHAPES = {"0.6b": tah.Qwen3Config(),  # config.json of Qwen/Qwen3-0.6B-Base and -1.7B-Base
           "1.7b": tah.Qwen3Config(hidden_size=2048, intermediate_size=6144)}
-TINY = {"0.6b": dict(hidden_size=64, intermediate_size=128),
-        "1.7b": dict(hidden_size=96, intermediate_size=192)}
-TINY_LAYOUT = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   max_position_embeddings=1024, torch_dtype="float32")
 PHASES = ["forward", "logits", "layers", "optimizer"]  # of a step, as stage1_step marks them
-CHUNK_RUN, HELD_OUT = (256, 64), 768  # the CPU rehearsal's small-chunk run and held-out length
+# The CPU rehearsal's stage-1 steps (tokens, bf16 autocast, CE chunk, role): per dtype the fit's
+# lengths, one with small CE chunks (what a chunk costs), and one held out of the fit.
+MEMORY_RUNS = [(128, 0, None, "fit"), (256, 0, None, "fit"), (512, 0, None, "fit"),
+               (256, 0, 64, "chunk"), (128, 1, None, "fit"), (512, 1, None, "fit"),
+               (256, 1, 64, "chunk"), (768, 0, None, "held")]
 
 
 class Setting:
-    """Where and at what size a check runs: "gpu" (CUDA, bf16, the published sizes), "cpu" (the
-    rehearsal: the 0.6B size, fp32 or CPU bf16 autocast as each check says) or "dry" (the GPU
-    checks on the CPU in fp32 at tiny sizes, 1 thread). All that differs between them is here."""
+    """All that differs between "gpu" (CUDA, bf16, the published sizes), "cpu" (the rehearsal:
+    the 0.6B size, fp32 or CPU bf16 autocast) and "dry" (the GPU checks on the CPU, tiny, fp32)."""
 
-    def __init__(self, mode: str, work, tokenizer, threads: int = 0):
+    def __init__(self, mode: str, work, tokenizer):
         self.mode, self.dry, self.work = mode, mode == "dry", Path(work)
-        self.tokenizer, self.threads = Path(tokenizer), 1 if mode == "dry" else threads
+        self.tokenizer, self.threads = Path(tokenizer), int(mode == "dry")  # 0: torch's
         self.device = torch.device("cuda" if mode == "gpu" else "cpu")
-        self.memory = common.Memory(self.device)
+        self.memory = Memory(self.device)
         self.dtype = torch.float32 if self.dry else torch.bfloat16  # of the models, saved and run
+        self.amp = partial(torch.autocast, self.device.type, torch.bfloat16, enabled=not self.dry)
         self.shrink = 64 if self.dry else 1  # lengths: 4096 tokens -> 64 in the dry run
         self.steps = dict(gpu=5, cpu=1, dry=3)[mode]  # stage-1 steps a check takes
         self.decode_len = 16 if self.dry else 256  # prompt tokens, and new tokens, of decoding
-        self.repeats = 2 if self.dry else 5  # timed repeats of an attention call
 
-    def amp(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=not self.dry)
-
-    def config(self, shape: str) -> tah.Qwen3Config:
+    def config(self, shape: str) -> tah.Qwen3Config:  # the dry run's: BPE's, or wider
         if not self.dry:
             return SHAPES[shape]
-        from tokenizers import Tokenizer  # the dry run's vocabulary: the tokenizer's, rounded up
-        vocab = Tokenizer.from_file(str(self.tokenizer / "tokenizer.json")).get_vocab_size()
-        return tah.Qwen3Config(vocab_size=-(-vocab // 64) * 64, **TINY_LAYOUT, **TINY[shape])
+        tiny = tah.Qwen3Config.from_dict(tah.read_json(BPE / "config.json"))
+        return tiny if shape == "0.6b" else replace(tiny, hidden_size=96, intermediate_size=192)
 
-def random_model(s: Setting, shape: str) -> Path:
-    """A random Qwen3 of `shape` (common.spread's weights) with the tokenizer, saved by the
-    first check that needs it and reused by the others."""
+def random_model(s: Setting, shape: str) -> Path:  # spread's weights and s.tokenizer, saved once
     d = s.work / f"qwen3-{shape}{'-tiny' * s.dry}-random"
     if not (d / "config.json").exists():
         torch.manual_seed(0)
         with torch.device(s.device):
-            model = common.spread(tah.TaH(s.config(shape))).to(s.dtype)
+            model = spread(tah.TaH(s.config(shape))).to(s.dtype)
         tah.save(model, d, tokenizer_dir=s.tokenizer)  # written whole or not at all
     return d
 
-def math_rows(n: int, seed: int = 0) -> list[dict]:
-    """n arithmetic word problems, each a worked <think> trace of 1 to 16 steps and a \\boxed{}
-    answer: with Qwen3's chat format 70 to 230 tokens, so that --max-len 128 cuts some."""
-    rng, rows = random.Random(seed), []
-    for i in range(n):
-        a, b, days = rng.randint(2, 99), rng.randint(2, 99), 2 + (i * 7) % 16
-        steps = "\n".join(f"{a + (d - 1) * b}+{b}={a + d * b}" for d in range(1, days))
+def math_rows(n: int) -> list[dict]:
+    """n word problems, each a worked <think> trace of 1 to 16 additions and a \\boxed{} answer:
+    with Qwen3's tokenizer and chat format 70 to 230 tokens (--max-len 128 cuts some)."""
+    rng, rows = random.Random(0), []
+    for a, b, days in ((rng.randint(2, 99), rng.randint(2, 99), 2 + i * 7 % 16) for i in range(n)):
+        steps = "".join(f"{a + d * b}+{b}={a + (d + 1) * b}\n" for d in range(days - 1))
         rows.append(dict(question=f"A shop sells {a} pens on day 1 and {b} more each day. How "
-                                  f"many after {days} days?", generation=f"<think>\nAdd {b} per "
-                         f"day.\n{steps}\n</think>\n\n{a}+{days - 1}*{b}={a + (days - 1) * b}, so "
-                         f"the answer is \\boxed{{{a + (days - 1) * b}}}."))
+                         f"many after {days} days?", generation=f"<think>\nAdd {b} per day.\n"
+                         f"{steps}</think>\n\n{a}+{days - 1}*{b}={a + (days - 1) * b}, so the "
+                         f"answer is \\boxed{{{a + (days - 1) * b}}}."))
     return rows
 
 def random_rows(vocab: int, tokens: int, n: int, share: float) -> tuple[dict, torch.Tensor]:
-    """n random rows of `tokens` tokens in train.py's data layout (a prompt of 1/8, then the
-    scored response) and their oracle passes, flat as train.compute_labels writes them: 2 at
-    round(share x tokens) response positions of each row but its last (which predicts nothing),
-    or, for share 1 (AlwaysThink), at every position."""
+    """n rows in train.py's data layout (a prompt of 1/8, then the scored response) and flat
+    passes: 2 at round(share x tokens) response positions but the last, or all for share 1."""
     g, start = torch.Generator().manual_seed(tokens), tokens // 8
     labels = torch.full((n, tokens), 1 + (share >= 1), dtype=torch.uint8)
     for r in range(n if share < 1 else 0):
         hard = torch.randperm(tokens - 1 - start, generator=g)[:round(share * tokens)]
         labels[r, start + hard] = 2
-    data = dict(ids=torch.randint(0, vocab, (n * tokens,), generator=g).int(),
-                target=(torch.arange(tokens) >= start).to(torch.uint8).repeat(n),
-                offsets=torch.arange(n + 1) * tokens, start=torch.full((n,), start),
-                train=torch.arange(n), held=torch.arange(0))
-    return data, labels.flatten()
+    return dict(ids=torch.randint(0, vocab, (n * tokens,), generator=g).int(), train=torch.arange(
+        n), target=(torch.arange(tokens) >= start).to(torch.uint8).repeat(n), held=torch.arange(0),
+        offsets=torch.arange(n + 1) * tokens, start=torch.full((n,), start)), labels.flatten()
 
 
 # ----------------------------------------------------------------------------- 1. stage 1
 
 def stage1_step(s: Setting, shape: str, tokens: int, policy: str = "oracle",
                 dtype: str | None = None, chunk: int | None = None) -> dict:
-    """s.steps stage-1 steps of one row of `tokens` tokens by train.py's own functions: the
-    model as stage 1 loads it (fp32 weights, a fresh LoRA, gradient checkpointing), then
-    train.train_step on train.lm_loss(model, batch, "oracle") under `dtype` autocast (default:
-    the setting's), with train.CE_CHUNK set to `chunk`. "oracle": ~15% of the tokens iterate;
-    "always": all. Gradients and AdamW's moments exist before each step, as for every
-    micro-batch of a step but the first. Returns the bytes in use (resident on a CPU, CUDA's
-    allocated on a GPU) at the start, with the weights, with gradients and moments (fixed), and
-    each phase's peak over the steps: forward (with the loss), logits (backward until the last
-    layer is recomputed), layers (the rest of backward, clipping), optimizer (the update)."""
+    """s.steps stage-1 steps of one row by train.py's own load_model, train_step and lm_loss
+    (policy "oracle": ~15% of the tokens iterate; "always": all), under `dtype` autocast,
+    train.CE_CHUNK set to `chunk`, gradients and AdamW's moments allocated before each step (as
+    in a step's later micro-batches). Returns the bytes in use (resident on a CPU, CUDA's on a
+    GPU) at the start, with the weights, with gradients and moments (fixed), and each phase's
+    peak: forward (and loss), logits (backward to the last layer's recompute), layers, optimizer."""
     mem, dtype = s.memory, dtype or str(s.dtype).removeprefix("torch.")
     train.CE_CHUNK = chunk or train.CE_CHUNK
     d, out = random_model(s, shape), s.work / f"stage1-{shape}-{tokens}-{policy}"
@@ -176,29 +156,22 @@ def stage1_step(s: Setting, shape: str, tokens: int, policy: str = "oracle",
             p.grad = torch.zeros_like(p)  # as between micro-batches (train_step frees them)
         batch = train.make_batch(data, torch.tensor([step]), labels, s.device)
         mem.mark()
-        seconds.append(common.timed(lambda: train.train_step(run, model, opt, [batch], loss, step),
-                                    mem.sync)[0])
+        seconds.append(timed(lambda: train.train_step(run, model, opt, [batch], loss, step),
+                             mem.sync)[0])
     shutil.rmtree(out, ignore_errors=True)
     return r | peaks | dict(
         peak=max(peaks.values()), reserved=mem.reserved(), length=tokens, chunk=train.CE_CHUNK,
         seconds=statistics.median(seconds[1:] or seconds), bf16=dtype == "bfloat16",
         hard=int((labels[:tokens] == 2).sum()), shape=shape, policy=policy, steps=s.steps)
 
-def check_stage1(s: Setting, shape: str, tokens: int, policy: str = "oracle", dtype=None,
-                 chunk=None, role=None) -> dict:
-    """stage1_step at tokens // s.shrink tokens; on a GPU with the stored fit's estimate."""
-    f = stage1_step(s, shape, tokens // s.shrink, policy, dtype, chunk) | dict(role=role)
+def check_stage1(s: Setting, shape: str, tokens: int, role=None, **kw) -> dict:
+    f = stage1_step(s, shape, tokens // s.shrink, **kw) | dict(role=role)
     f |= dict(iterating=f["hard"] / f["length"], tokens_per_second=f["length"] / f["seconds"])
-    if s.mode == "gpu":
-        parts = tah.TaHConfig(lora_r=train.SIZES[shape].get("lora_r", 16))
-        f["estimate"] = peak_memory_bytes(SHAPES[shape], parts, f["length"], 1, torch.bfloat16,
-                                          f["iterating"])
     return dict(figures=f, rows=[dict(result=(
         f"{f['length']} tokens, {f['iterating']:.1%} iterating, "
         f"{'bf16 autocast' if f['bf16'] else 'fp32'}: peak {gib(f['peak'])} ("
         + ", ".join(f"{ph} {gib(f[ph])}" for ph in PHASES) + f"; fixed {gib(f['fixed'])})"
         + f", reserved {gib(f['reserved'])}" * (f["reserved"] is not None)
-        + f", estimated {gib(f.get('estimate'))}" * ("estimate" in f)
         + f"; {f['tokens_per_second']:,.0f} tokens/s ({f['seconds']:.2f} s a step)"))])
 
 
@@ -208,14 +181,14 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 def sdpa_calls(s: Setting, model: tah.TaH, tokens: int) -> list[tuple]:
-    """The arguments tah's Attention passes to SDPA in one forward of `tokens` tokens with ~15%
-    iterating (in the training dtype): [pass 1's (T queries, T keys), pass 2's (T_d, T + T_d)]."""
+    """What tah's Attention passes to SDPA in a forward of `tokens` tokens, ~15% iterating:
+    [pass 1's ((q, k, v, mask), keywords) (T queries, T keys), pass 2's (T_d, T + T_d)]."""
     data, labels = random_rows(model.config.vocab_size, tokens, 1, HARD)
-    b = train.make_batch(data, torch.arange(1), labels, s.device)
-    calls, real = [], F.scaled_dot_product_attention
+    b, calls, real = train.make_batch(data, torch.arange(1), labels, s.device), [], \
+        F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        calls.append((q, k, v, attn_mask, kw))
+        calls.append(((q, k, v, attn_mask), kw))
         return real(q, k, v, attn_mask=attn_mask, **kw)
     F.scaled_dot_product_attention = spy  # tah.py calls it through this module
     try:
@@ -226,9 +199,9 @@ def sdpa_calls(s: Setting, model: tah.TaH, tokens: int) -> list[tuple]:
     return calls
 
 def attend(s: Setting, call: tuple, backend: str | None = None) -> torch.Tensor:
-    """One forward and backward of a recorded call under one SDPA backend (None: PyTorch's
-    choice), under autocast as in training; returns the output."""
-    q, k, v, mask, kw = call
+    """One forward and backward of a recorded call, autocast as in training, under one SDPA
+    backend (None: PyTorch's choice); returns the output."""
+    (q, k, v, mask), kw = call
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     with sdpa_kernel([BACKENDS[backend]]) if backend else nullcontext(), s.amp():
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
@@ -236,159 +209,112 @@ def attend(s: Setting, call: tuple, backend: str | None = None) -> torch.Tensor:
     return y.detach()
 
 def check_attention(s: Setting) -> dict:
-    """Each SDPA backend alone on tah's two calls of one layer (pass 1, pass 2) at 4096 tokens:
-    accepted or refused (with PyTorch's reasons), forward+backward time (median ms), the largest
-    difference from tah.attention_reference, and the memory pass 1's call adds at 4096 and 8192
-    tokens (above its inputs); and which kernels PyTorch picks itself."""
+    """Which SDPA kernels PyTorch picks for tah's two calls of one layer (pass 1, pass 2) at 4096
+    tokens, then each backend alone: refused (PyTorch's reasons) or accepted, its forward and
+    backward time (median ms) and its largest difference from tah.attention_reference."""
     config = replace(s.config("0.6b"), num_hidden_layers=1, vocab_size=1024)  # one real layer
     torch.manual_seed(0)
     model = tah.TaH(config, tah.TaHConfig(lora_dropout=0.0)).to(s.device).eval()
-    lengths = [4096 // s.shrink, 8192 // s.shrink]
-    calls = sdpa_calls(s, model, lengths[0])
-    q, k, _, mask, _ = calls[0]
-    layout = (f"mask {tuple(mask.shape)}, {q.shape[1]} query / {k.shape[1]} kv heads of "
-              f"{q.shape[-1]}, enable_gqa; q/k/v/mask "
-              + "/".join(str(x.dtype).removeprefix("torch.") for x in calls[0][:4]))
-    refs = [tah.attention_reference(*(x.float() for x in c[:3]), c[3]) for c in calls]
-
-    def ms(c: tuple, backend: str | None = None) -> float:  # median, after a warm-up
-        attend(s, c, backend)
-        return 1e3 * statistics.median(common.timed(lambda: attend(s, c, backend), s.memory.sync)[0]
-                                       for _ in range(s.repeats))
-
-    def adds(c: tuple, backend: str) -> int | str:  # bytes above its inputs
-        base = s.memory.mark()
-        try:
-            attend(s, c, backend)
-        except torch.OutOfMemoryError:
-            return "out of memory"
-        return s.memory.peak() - base
+    calls, tokens = sdpa_calls(s, model, 4096 // s.shrink), 4096 // s.shrink
+    (q, k, v, mask), _ = calls[0]
+    refs = [tah.attention_reference(*(x.float() for x in args[:3]), args[3]) for args, _ in calls]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for c in calls:
             attend(s, c)
     ops = [e.key for e in prof.key_averages() if "scaled_dot_product_" in e.key]  # aten's kernels
-    chosen, t = [name for name in BACKENDS if any(name in op for op in ops)], [ms(c) for c in calls]
-    figures = dict(tokens=lengths[0], layout=layout, default=chosen, backends={})
-    rows = [dict(what="SDPA kernel PyTorch picks for tah's call",
-                 result=f"{'/'.join(chosen) or 'unknown'}: {sum(t):.2f} ms forward+backward per "
-                        f"layer at {lengths[0]} tokens (pass 1 {t[0]:.2f}, pass 2 {t[1]:.2f}); "
-                        f"{layout}")]
-    for name in BACKENDS:
+    figures = dict(tokens=tokens, default=[b for b in BACKENDS if any(b in op for op in ops)],
+                   backends={}, layout=f"mask {tuple(mask.shape)} {mask.dtype}, {q.shape[1]} query "
+                   f"/ {k.shape[1]} kv heads of {q.shape[-1]} in {q.dtype}, enable_gqa")
+    rows = []
+    for name in [None, *BACKENDS]:  # None: PyTorch's choice
+        what = f"SDPA backend {name} alone" if name else "SDPA kernel PyTorch picks for tah's call"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:  # torch's max keeps a NaN (Python's may drop it)
                 diff = float(torch.stack([(attend(s, c, name).float() - r).abs().max()
                                           for c, r in zip(calls, refs)]).max())
-            except RuntimeError as e:  # "No available kernel": the warnings say why (an
-                # out-of-memory is a RuntimeError too, and says so)
-                why = list(dict.fromkeys(re.sub(r"\s*\(Triggered internally at .*", "",
-                                                str(w.message), flags=re.S) for w in caught))
-                reason = " ".join(" ".join(why + [str(e).splitlines()[0]]).split())[:400]
-                figures["backends"][name] = dict(accepted=False, reason=reason)
-                rows.append(dict(what=f"SDPA backend {name} alone", result=f"refused: {reason}"))
+            except RuntimeError as e:  # "No available kernel": the warnings say why
+                why = [re.sub(r"\s*\(Triggered internally at .*", "", str(w.message), flags=re.S)
+                       for w in caught] + [str(e).splitlines()[0]]
+                f = figures["backends"][name] = dict(accepted=False, reason=" ".join(
+                    " ".join(dict.fromkeys(why)).split())[:400])
+                rows.append(dict(what=what, result=f"refused: {f['reason']}"))
                 continue
-        t = [ms(c, name) for c in calls]
-        extra = [adds(calls[0], name), adds(sdpa_calls(s, model, lengths[1])[0], name)]
-        agrees = diff <= (1e-4 if s.dry else 5e-2)  # fp32, or bf16 against an fp32 reference
-        figures["backends"][name] = dict(accepted=True, agrees=agrees, ms=t, max_diff=diff,
-                                         extra_bytes=dict(zip(lengths, extra)))
-        rows.append(dict(what=f"SDPA backend {name} alone", result=(
-            f"accepted{'' if agrees else ' but WRONG'}: {sum(t):.2f} ms forward+backward per "
-            f"layer (pass 1 {t[0]:.2f}, pass 2 {t[1]:.2f}); max |diff| from attention_reference "
-            f"{diff:.1e}; pass 1's call adds "
-            + ", ".join(f"{gib(x)} at {n}" for n, x in zip(lengths, extra)))))
+        t = [1e3 * statistics.median(timed(partial(attend, s, c, name), s.memory.sync)[0]
+                                     for _ in range(3)) for c in calls]  # warm by now
+        f = dict(accepted=True, ms=t, max_diff=diff, agrees=diff <= (1e-4 if s.dry else 5e-2))
+        figures["backends"] |= {name: f} if name else {}  # bf16 against an fp32 reference
+        rows.append(dict(what=what, result=(
+            f"{'/'.join(figures['default']) or 'unknown'}: " if name is None else "accepted"
+            f"{'' if f['agrees'] else ' but WRONG'}: ") + f"{sum(t):.2f} ms forward+backward "
+            f"per layer at {tokens} tokens (pass 1 {t[0]:.2f}, pass 2 {t[1]:.2f}); max |diff| from"
+            f" attention_reference {diff:.1e}" + f"; {figures['layout']}" * (name is None)))
     return dict(figures=figures, rows=rows)
 
 
 # ----------------------------------------------------------------------------- 3. decoding
 
-def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[str, int | None]:
-    """Words for how far two (B, N) greedy outputs agree, and the first mismatch (1-based)."""
-    same = ours == theirs
-    B, N = same.shape
-    if same.all():
-        return f"tokens identical ({B} x {N})", None
-    first = torch.where(same.all(1), N, (~same).int().argmax(1))  # (B,) first differing index
-    row = int(first.argmin())
-    return (f"first mismatch at new token {int(first[row]) + 1} of {N} (row {row}); "
-            f"{int(same.all(1).sum())} of {B} rows identical"), int(first[row]) + 1
-
 def check_decode(s: Setting, shape: str) -> dict:
-    """tah.generate and transformers' generate on the same saved weights, in s.dtype, greedy,
-    batch 1 and 16 (common.decode_vs_transformers: a 4-token warm-up each, one timed run); then
-    TaH decoding at batch 1 with a share p = 0, 0.1, 0.5 of the steps iterating."""
+    """tah.generate and transformers' generate on the same saved weights, greedy, batch 1 and 16
+    (a 4-token warm-up, one timed run); TaH decoding with a share p = 0, 0.1, 0.5 iterating."""
     from transformers import Qwen3ForCausalLM  # a test dependency: only this check needs it
     d, n, dev = random_model(s, shape), s.decode_len, s.device
     ours = tah.load(d, device=dev, dtype=s.dtype)
     dtype_kw = "dtype" if int(version("transformers").split(".")[0]) >= 5 else "torch_dtype"
     hf = Qwen3ForCausalLM.from_pretrained(d, **{dtype_kw: s.dtype}).to(dev).eval()
-    g = torch.Generator().manual_seed(0)
-    rows, figures = [], dict(shape=shape, prompt=n, new=n, batches={})
+    g, rows, figures = torch.Generator().manual_seed(0), [], dict(shape=shape, new=n, batches={})
     for B in (1, 16):
         prompt = torch.randint(0, ours.config.vocab_size, (B, n), generator=g).to(dev)
-        r = common.decode_vs_transformers(ours, hf, prompt, n, warmup=4)
+        r = decode_vs_transformers(ours, hf, prompt, n, warmup=4)
         (t_ours,), (t_hf,) = r["tah"]["wall"], r["hf"]["wall"]
-        words, first = agreement(*r["tokens"])
-        figures["batches"][B] = dict(identical=first is None, first_mismatch=first,
-                                     tah_tokens_per_s=B * n / t_ours, hf_tokens_per_s=B * n / t_hf)
+        same = int((r["tokens"][0] == r["tokens"][1]).all(1).sum())  # rows with every token equal
+        figures["batches"][B] = dict(identical_rows=same, tah_tokens_per_s=B * n / t_ours,
+                                     hf_tokens_per_s=B * n / t_hf)
         rows.append(dict(what=f"greedy decode {shape}, batch {B}, {n}-token prompt + {n} new: "
-                              "tah.generate vs transformers",
-                         result=f"{words}; {B * n / t_ours:,.0f} vs {B * n / t_hf:,.0f} tokens/s "
-                                f"({t_hf / t_ours:.2f}x), prefill included"))
+                     "tah.generate vs transformers", result=f"tokens identical in {same} of {B} "
+                     f"rows; {B * n / t_ours:,.0f} vs {B * n / t_hf:,.0f} tokens/s "
+                     f"({t_hf / t_ours:.2f}x), prefill included"))
     del hf
     model = tah.add_parts(ours, tah.TaHConfig(lora_dropout=0.0))  # a LoRA for pass 2
     prompt = torch.randint(0, ours.config.vocab_size, (1, n), generator=g).to(dev)
-    common.decode_seconds(model, prompt[:, :8], 8, common.forced_passes((1, 8), 0.5, 0).to(dev))
-    speed = {p: n / common.decode_seconds(model, prompt, n, common.forced_passes(
-        (1, n), p, 3).to(dev)) for p in (0.0, 0.1, 0.5)}
-    figures["tah_decode_tokens_per_s"] = speed
+    decode_seconds(model, prompt[:, :8], 8, forced_passes((1, 8), 0.5, 0).to(dev))  # warm-up
+    speed = figures["tah_decode_tokens_per_s"] = {p: n / decode_seconds(
+        model, prompt, n, forced_passes((1, n), p, 3).to(dev)) for p in (0.0, 0.1, 0.5)}
     rows.append(dict(what=f"TaH decode {shape}, batch 1, {n} steps after {n} tokens, a share p "
-                          "iterating, vs standard (p = 0)",
-                     result=f"standard {speed[0.0]:,.1f} tokens/s; " + "; ".join(
-                         f"p = {p}: {speed[p]:,.1f} ({speed[p] / speed[0.0]:.2f}x; "
-                         f"1/(1+p) = {1 / (1 + p):.2f})" for p in (0.1, 0.5))))
+                     "iterating, vs standard (p = 0)", result=f"standard {speed[0.0]:,.1f} "
+                     "tokens/s; " + "; ".join(f"p = {p}: {speed[p]:,.1f} ({speed[p] / speed[0]:.2f}"
+                                              f"x; 1/(1+p) = {1/(1 + p):.2f})" for p in (.1, .5))))
     return dict(figures=figures, rows=rows)
 
 
 # ----------------------------------------------------------------------------- 4. the pipeline
 
-PIPELINE = ["--size", "0.6b", "--max-len", "128", "--steps", "2", "--decider-steps", "2",
-            "--batch", "2", "--micro-batch", "1", "--eval-samples", "2", "--save-every", "0"]
-CHECKPOINT = ["config.json", "model.safetensors", "tah_config.json", "decider.safetensors",
-              "lora/adapter_model.safetensors"]
-
 def script(*cmd: str) -> float:
-    """`python cmd...` from the repository, its output into this check's log as it comes (a
-    time guard's kill keeps it); its wall seconds, or an error naming what went wrong."""
-    t, output = time.perf_counter(), []
-    with subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as p:
-        for line in p.stdout:
-            print(f"{time.perf_counter() - t:6.0f}s | {line}", end="", flush=True)
-            output.append(line)
-    if p.returncode:
-        raise RuntimeError(f"{cmd[0]} exited {p.returncode}: {last_words(''.join(output))}")
+    """Wall seconds of `python cmd...` run from the repository, its output into this check's
+    log (a time guard's kill takes it too); a failure ends the check, its error in the log."""
+    t = time.perf_counter()
+    if subprocess.run([sys.executable, *cmd], cwd=ROOT).returncode:
+        sys.exit(f"{cmd[0]} failed; its own words are above")
     return time.perf_counter() - t
 
 def check_pipeline(s: Setting) -> dict:
-    """`python train.py --size 0.6b` as a user runs it, on the random 0.6B and the 40 rows (data,
-    oracle labels, stage 1, stage 2, evaluation), then generate.py on what it wrote."""
+    """`python train.py --size 0.6b` on the random 0.6B and 40 rows, then generate.py on it."""
     d, out = random_model(s, "0.6b"), s.work / "pipeline-run"
     shutil.rmtree(out, ignore_errors=True)
-    flags = PIPELINE + ["--device", "cpu", "--dtype", "float32", "--threads", str(s.threads)] * (
-        s.mode != "gpu") + ["--decider-layers", "0", "1", "2"] * s.dry
+    flags = ["--size", "0.6b", "--max-len", "128", "--steps", "2", "--decider-steps", "2",
+             "--batch", "2", "--micro-batch", "1", "--eval-samples", "2", "--save-every", "0"] + [
+        "--device", "cpu", "--dtype", "float32", "--threads", str(s.threads)] * (s.mode != "gpu") \
+        + ["--decider-layers", "0", "1", "2"] * s.dry
     wall = script("train.py", *flags, "--model", str(d), "--reference", str(d), "--data",
                   str(s.work / "rows.jsonl"), "--out", str(out))
     answer = script("generate.py", "--model", str(out / "tah"), "--max-new-tokens", "8",
                     "--greedy", "What is 2+3?")
-    written = [f for f in CHECKPOINT if (out / "tah" / f).exists()]
+    written = sorted(str(f.relative_to(out / "tah")) for f in (out / "tah").rglob("*.*"))
     evaluated = list(json.loads((out / "eval.json").read_text())["tah"])
-    figures = dict(seconds=wall, generate_seconds=answer, exit=0, checkpoint_written=written ==
-                   CHECKPOINT, files=written, policies=evaluated)
-    return dict(figures=figures, rows=[dict(result=(
-        f"exit 0 in {wall:.0f} s (python train.py {' '.join(flags)}, 40 rows); checkpoint "
-        f"written: {'yes' if written == CHECKPOINT else 'NO'} (tah/: {', '.join(written)}); "
-        f"evaluated: {', '.join(evaluated)}; generate.py on it: {answer:.0f} s"))])
+    return dict(figures=dict(seconds=wall, generate_seconds=answer, files=written,
+                             policies=evaluated), rows=[dict(result=(
+        f"exit 0 in {wall:.0f} s (python train.py {' '.join(flags)}, 40 rows), writing tah/: "
+        f"{', '.join(written)}; evaluated: {', '.join(evaluated)}; generate.py: {answer:.0f} s"))])
 
 
 # --- the memory estimator (refit by the main session) ------------------------------------------
@@ -468,32 +394,31 @@ def attention_scores(c: tah.Qwen3Config, T: int) -> float:
 
 def print_fit(records: list[dict]) -> None:
     """The estimator fitted per dtype to the memory runs (stage1_step's figures with a role:
-    "fit", "chunk" (small CE chunks) or "held" (left out of the fit)): measured against
-    predicted, the constants in MEMORY_PHASES's form, and the EXTRAPOLATION to one GPU."""
-    runs = {b: [r for r in records if r["role"] == "fit" and r["bf16"] == b] for b in (0, 1)}
-    chunked = {r["bf16"]: r for r in records if r["role"] == "chunk"}
-    held, cal = [r for r in records if r["role"] == "held"], {}
-    for bf16 in [b for b in (False, True) if len(runs[b]) >= 2]:
-        k = cal[bf16] = calibrate(runs[bf16], chunked.get(bf16), bf16)
-        print(f"\n== the estimator fitted to the {'bf16 autocast' if bf16 else 'fp32'} runs: f = "
-              f"{k['f']:.3f}, runtime {k['runtime'] / GIB:.2f} GiB, optimizer 16 P + "
-              f"{k['optimizer'] / GIB:.2f} GiB ==")
-        for r in runs[bf16] + [chunked[bf16]] * (bf16 in chunked) + held * (not bf16):
+    "fit", "chunk" (small CE chunks) or "held" (left out of the fit)): the constants, measured
+    against predicted, and the EXTRAPOLATION to one GPU (GiB; + SDPA's math kernel)."""
+    cal = {}
+    for bf16 in (False, True):
+        runs = {r["role"]: r for r in records if r["bf16"] == bf16}  # one chunk run, one held
+        fit = [r for r in records if r["bf16"] == bf16 and r["role"] == "fit"]
+        if len(fit) < 2:
+            continue
+        k = cal[bf16] = calibrate(fit, runs.get("chunk"), bf16)
+        print(f"\n== fit to the {('fp32', 'bf16 autocast')[bf16]} runs: f {k['f']:.3f}, optimizer"
+              f" 16 P + {k['optimizer'] / GIB:.2f} GiB, per phase (extra, b, c) " + "; ".join(
+                  f"{ph} ({k[ph]['extra']:.2f}, {k[ph]['b']:.2f}, {k[ph]['c']:.2f})"
+                  for ph in PHASES[:3]))
+        for r in [r for r in records if r["bf16"] == bf16]:
             p = predict(k, SHAPES["0.6b"], r["length"], STAGE1.lora_r, r["hard"] / r["length"],
                         r["chunk"])["peak"] + k["runtime"]
-            print(f"  {r['length']:5} tokens, chunk {r['chunk']:4}: measured {r['peak'] / GIB:6.2f}"
-                  f" GiB, predicted {p / GIB:6.2f} GiB, {100 * (p / r['peak'] - 1):+5.1f}% "
-                  + ("(HELD OUT of the fit)" if r["role"] == "held" else "(fitted)"))
-        print(f"  MEMORY_PHASES[torch.{('float32', 'bfloat16')[bf16]}] = [" + ", ".join(
-            f"({k[ph]['extra'] * (ph == 'forward'):.2f}, {k[ph]['extra'] * (ph != 'forward'):.2f}"
-            f", {k[ph]['b']:.2f}, {k[ph]['c']:.2f})" for ph in ("forward", "logits", "layers"))
-            + "]")
+            print(f"  {r['length']:5} tokens, chunk {r['chunk']:4}: measured "
+                  f"{r['peak'] / GIB:6.2f} GiB, predicted {p / GIB:6.2f}, "
+                  f"{100 * (p / r['peak'] - 1):+5.1f}% ({r['role']})")
     for name, lora_r in (("0.6b", 16), ("1.7b", 32)) if True in cal else ():
-        e = [predict(cal[True], SHAPES[name], T, lora_r, 0.15, gpu=True) for T in (4096, 8192)]
-        print(f"EXTRAPOLATED {name}, one GPU, bf16, 4096 / 8192 tokens: " + " / ".join(
-            f"{x['peak'] / GIB:.1f}" for x in e) + " GiB; if SDPA falls back to its math kernel "
-            + " / ".join(f"{max(x['peak'], x['layers'] + attention_scores(SHAPES[name], T)) / GIB:.1f}"
-                         for x, T in zip(e, (4096, 8192))))
+        e = [(T, predict(cal[True], SHAPES[name], T, lora_r, 0.15, gpu=True)) for T in (4096, 8192)]
+        print(f"EXTRAPOLATED {name}, bf16 on one GPU: " + ", ".join(
+            f"{T} tokens {x['peak'] / GIB:.1f} (math kernel "
+            f"{max(x['peak'], x['layers'] + attention_scores(SHAPES[name], T)) / GIB:.1f})"
+            for T, x in e))
 
 # The constants calibrate() found on the project's 2-core CPU (one step at 128-768 tokens, fp32
 # and bf16 autocast), from which the README's memory table comes. Per phase (forward, backward
@@ -542,67 +467,43 @@ def memory_table() -> None:
 
 # ----------------------------------------------------------------------------- the checks
 
-@dataclass
-class Check:
-    id: str
-    what: str  # the row's name in the table
-    weight: float  # its share of --budget
-    run: Callable[[Setting], dict]  # -> {"figures": {...}, "rows": [{"result": words}, ...]}
+# id: its part, then what sets it apart; weight: its share of --budget; run(setting) returns
+# {"figures": {...}, "rows": [{"result": words, maybe "what": the row's name}, ...]}
+Check = namedtuple("Check", "id weight run")
 
-def stage1(shape: str, tokens: int, policy: str, weight: float) -> Check:
-    who = "every token iterating (AlwaysThink)" if policy == "always" else "~15% iterating"
-    return Check(f"stage1-{shape}-{tokens}-{policy}", f"stage 1, {shape} shape, {tokens} tokens, "
-                 f"{who}", weight, partial(check_stage1, shape=shape, tokens=tokens, policy=policy))
+def stage1(shape: str, tokens: int, policy: str, weight: float) -> Check:  # policy: or "always"
+    return Check(f"stage1-{shape}-{tokens}-{policy}", weight,
+                 partial(check_stage1, shape=shape, tokens=tokens, policy=policy))
 
-PIPELINE_CHECK = Check("pipeline", "python train.py --size 0.6b end to end", 70, check_pipeline)
 GPU_CHECKS = [  # the order they run in: what the README needs most first
     stage1("0.6b", 4096, "oracle", 60), stage1("0.6b", 4096, "always", 45),
-    Check("attention", "duo-causal attention: SDPA kernels", 40, check_attention),
-    Check("decode-0.6b", "decoding, 0.6b shape", 75, partial(check_decode, shape="0.6b")),
-    PIPELINE_CHECK, stage1("0.6b", 8192, "oracle", 40), stage1("0.6b", 8192, "always", 40),
-    Check("decode-1.7b", "decoding, 1.7b shape", 60, partial(check_decode, shape="1.7b")),
-    stage1("1.7b", 4096, "oracle", 50)]
-
-def cpu_checks(a) -> list[Check]:
-    """The CPU rehearsal: the pipeline, then stage-1 steps at the 0.6B size: per dtype its
-    lengths (the fit) and, where it has two, CHUNK_RUN (small CE chunks: what a chunk costs);
-    last HELD_OUT tokens in fp32, left out of the fit, to compare with its prediction."""
-    plan = [(T, None, b, "fit") for b, Ts in ((0, a.lengths), (1, a.bf16_lengths)) for T in Ts]
-    plan += [(*CHUNK_RUN, b, "chunk") for b, Ts in ((0, a.lengths), (1, a.bf16_lengths))
-             if len(Ts) > 1]
-    plan = sorted(plan, key=lambda x: x[2]) + [(HELD_OUT, None, 0, "held")]
-    return [replace(PIPELINE_CHECK, weight=200)] + [Check(
-        f"memory-{('fp32', 'bf16')[b]}-{T}" + f"-chunk{c}" * (role == "chunk") + "-held" * (
-            role == "held"), f"stage-1 step, 0.6b, {('fp32', 'bf16 autocast')[b]}, {role}",
-        20 + T / 10, partial(check_stage1, shape="0.6b", tokens=T, dtype=("float32", "bfloat16")[
-            b], chunk=c, role=role)) for T, c, b, role in plan]
+    Check("attention", 40, check_attention), Check("decode-0.6b", 75, partial(check_decode,
+    shape="0.6b")), Check("pipeline", 70, check_pipeline), stage1("0.6b", 8192, "oracle", 40),
+    stage1("0.6b", 8192, "always", 40), Check("decode-1.7b", 60, partial(check_decode,
+    shape="1.7b")), stage1("1.7b", 4096, "oracle", 50)]
+CPU_CHECKS = [Check("pipeline", 200, check_pipeline)] + [Check(  # the CPU rehearsal
+    f"memory-{('fp32', 'bf16')[b]}-{T}" + f"-chunk{c}" * bool(c) + "-held" * (role == "held"),
+    20 + T / 10, partial(check_stage1, shape="0.6b", tokens=T, dtype=("float32", "bfloat16")[b],
+                         chunk=c, role=role)) for T, b, c, role in MEMORY_RUNS]
 
 def check_env(s: Setting) -> dict:
-    try:  # only the decode checks need it (a test dependency)
-        transformers = version("transformers")
-    except PackageNotFoundError:
-        transformers = "not installed"
-    info = dict(torch=torch.__version__, cuda=torch.version.cuda, gpu=None,
-                cudnn=torch.backends.cudnn.version(), transformers=transformers)
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info |= dict(gpu=p.name, gpu_memory_gib=round(p.total_memory / GIB, 1),
-                     capability=f"{p.major}.{p.minor}")
-    return dict(figures=info, rows=[])
+    p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    return dict(rows=[], figures=dict(
+        torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+        transformers=find_spec("transformers") and version("transformers"),  # for decode-*
+        gpu=p and f"{p.name} ({p.total_memory / GIB:.1f} GiB, compute capability {p.major}."
+        f"{p.minor})"))
 
 def child(a) -> None:
     """One check in this process (REALSIZE_FAULT may make it fail); its result to WORK/ID.json."""
-    s = Setting(a.mode, a.work, a.tokenizer, a.threads)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    fault = dict(f.split("=", 1) for f in os.environ.get("REALSIZE_FAULT", "").split(",")
-                 if "=" in f).get(a.child)
-    if fault == "hang":
-        time.sleep(3600)
-    error = torch.OutOfMemoryError if fault == "oom" else RuntimeError  # "raise": a failure
-    if fault:
-        raise error(f"{a.child}: {fault} injected by REALSIZE_FAULT")
-    checks = {c.id: c for c in GPU_CHECKS + cpu_checks(a)} | {"env": Check("env", "", 0, check_env)}
+    s = Setting(a.mode, a.work, a.tokenizer)
+    torch.set_num_threads(s.threads or torch.get_num_threads())
+    fault = dict(f.split("=", 1) for f in os.environ.get("REALSIZE_FAULT", "").split(",") if f)
+    time.sleep(3600 * (fault.get(a.child) == "hang"))
+    error = torch.OutOfMemoryError if fault.get(a.child) == "oom" else RuntimeError  # or "raise"
+    if a.child in fault:
+        raise error(f"{a.child}: {fault[a.child]} injected by REALSIZE_FAULT")
+    checks = {c.id: c for c in GPU_CHECKS + CPU_CHECKS} | {"env": Check("env", 0, check_env)}
     (s.work / f"{a.child}.json").write_text(json.dumps(checks[a.child].run(s)))
 
 
@@ -624,7 +525,7 @@ def run_child(a, check_id: str, guard: float) -> dict:
                              env=os.environ | {"PYTHONUNBUFFERED": "1"},  # a killed one's log
                              start_new_session=True)  # its own group: train.py's goes with it
         try:
-            rc = p.wait(timeout=max(guard, 0.1))
+            rc = p.wait(timeout=guard)
         except subprocess.TimeoutExpired:
             rc = None
         finally:  # also on Ctrl-C: nothing of a check outlives the parent
@@ -632,76 +533,52 @@ def run_child(a, check_id: str, guard: float) -> dict:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     seconds, text = time.perf_counter() - t, log.read_text(errors="replace")
-    lines = [line for line in text.splitlines() if line.strip()]
-    record = dict(id=check_id, seconds=round(seconds, 1), guard_s=round(guard, 1), error=None,
-                  log_tail=lines[-40:])
+    lines = [line for line in text.splitlines() if line.strip()] or ["(no output)"]
+    r = dict(id=check_id, seconds=round(seconds, 1), guard_s=round(guard, 1), log_tail=lines[-40:])
     if rc is None:
-        return record | dict(status="time guard", error=f"stopped by its time guard after "
-                             f"{seconds:.0f} s (its share of --budget {a.budget:g}); its last "
-                             f"output: {(lines or ['(none)'])[-1].strip()[:200]}")
+        return r | dict(status="time guard", error=f"stopped by its time guard after {seconds:.0f}"
+                        f" s (its share of --budget {a.budget:g}); last output: {lines[-1][:200]}")
     if rc:
-        oom = "out of memory" in text.lower() or "OutOfMemoryError" in text
-        return record | dict(status="out of memory" if oom else "failed", error=(
-            f"exit {rc}" if rc > 0 else f"killed by signal {-rc}") + f": {last_words(text)}")
-    return record | dict(status="ok", **json.loads((a.work / f"{check_id}.json").read_text()))
-
-def table(report: dict) -> str:
-    """The report as markdown: a line on the machine and versions, then one row per figure."""
-    e = report["env"]
-    where = dict(dry="CPU dry-run (tiny shapes, fp32: not GPU figures)", cpu="the CPU rehearsal "
-                 "(0.6B shape, CPU: not GPU figures)").get(report["mode"], (
-                     f"{e.get('gpu')} ({e.get('gpu_memory_gib')} GiB, compute capability "
-                     f"{e.get('capability')})"))
-    lines = [f"realsize on {where}: torch {e['torch']}, CUDA {e['cuda']}, cuDNN {e['cudnn']}, "
-             f"transformers {e['transformers']}; {report['date']}, {report['wall_s']:.0f} s of "
-             f"--budget {report['budget_s']:g}", "", "| part | check | result | s | command |",
-             "|---|---|---|---|---|"]
-    for c in report["checks"]:
-        for r in c["rows"]:
-            cells = [c["part"], r["what"], r["result"], f"{c['seconds']:.0f}", f"`{c['command']}`"]
-            lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
-    return "\n".join(lines)
+        return r | dict(status="out of memory" if "out of memory" in text.lower() or
+                        "OutOfMemoryError" in text else "failed", error=(f"exit {rc}" if rc > 0
+                        else f"killed by signal {-rc}") + f": {last_words(text)}")
+    return r | dict(status="ok", error=None, **json.loads((a.work / f"{check_id}.json").read_text(
+        )))
 
 def parent(a, env: dict) -> dict:
     """Runs the chosen checks in order, each under its time guard (its share of what is left
     of --budget plus what the earlier ones left unused); the report, written after each."""
-    t0, checks = time.perf_counter(), GPU_CHECKS if a.mode != "cpu" else cpu_checks(a)
+    t0, checks = time.perf_counter(), CPU_CHECKS if a.mode == "cpu" else GPU_CHECKS
     chosen = [c for c in checks if any(c.id == p or c.id.startswith(p + "-") for p in a.parts)]
     if not chosen:
-        sys.exit(f"error: --parts {' '.join(a.parts)}: none of these checks runs here; the "
-                 f"checks here: {', '.join(c.id for c in checks)}")
+        sys.exit(f"error: --parts {' '.join(a.parts)}: no check of these runs here; here: "
+                 f"{', '.join(c.id for c in checks)}")
     planned = {c.id: c.weight / sum(x.weight for x in chosen) * a.budget for c in chosen}
     report = dict(mode=a.mode, env=env["figures"], date=time.strftime("%Y-%m-%d %H:%M"),
                   budget_s=a.budget, checks=[])
     for i, c in enumerate(chosen):
-        left = a.budget - (time.perf_counter() - t0)
-        guard = left - sum(planned[x.id] for x in chosen[i + 1:])  # its share + what is unused
+        guard = a.budget - (time.perf_counter() - t0) - sum(planned[x.id] for x in chosen[i + 1:])
         print(f"[{i + 1}/{len(chosen)}] {c.id}: up to {guard:.0f} s (log: {a.work / c.id}.log)",
-              file=sys.stderr, flush=True)
-        r = run_child(a, c.id, guard) if guard >= 1 else dict(
-            id=c.id, status="skipped", seconds=0.0, guard_s=round(guard, 1),
-            error=f"skipped: {max(left, 0):.0f} s of --budget {a.budget:g} left")
-        print(f"    {r['status']} in {r['seconds']:.0f} s" + f": {r['error']}" * bool(r["error"]),
+              end=" ... ", file=sys.stderr, flush=True)
+        r = run_child(a, c.id, max(guard, 1))  # its share, and what the earlier ones left
+        print(f"{r['status']} in {r['seconds']:.0f} s" + f": {r['error']}" * bool(r["error"]),
               file=sys.stderr, flush=True)
         words = ["python", "bench/realsize.py", "--parts", c.id] + ["--dry-run"] * (
             a.mode == "dry") + ["--tokenizer", a.tokenizer_arg] * bool(a.tokenizer_arg)
         rows = r.get("rows") or [dict(result=f"**{r['status'].upper()}**: {r['error']}")]
-        mark = "CPU dry-run: " * (a.mode == "dry")
-        report["checks"].append(r | dict(part=c.id.split("-")[0], command=shlex.join(words),
-                                         rows=[dict(what=x.get("what", c.what),
-                                                    result=mark + x["result"]) for x in rows]))
+        report["checks"].append(r | dict(part=c.id.split("-")[0], command=shlex.join(words), rows=[
+            x | dict(result="CPU dry-run: " * (a.mode == "dry") + x["result"]) for x in rows]))
         report["wall_s"] = round(time.perf_counter() - t0, 1)
         a.json.write_text(json.dumps(report, indent=1))  # a run cut short keeps what it finished
     return report
 
+
 # ----------------------------------------------------------------------------- flags
 
 def part(text: str) -> str:
-    if not text.startswith("memory") and not any(
-            c.id == text or c.id.startswith(text + "-") for c in GPU_CHECKS):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} names no check; give a part (stage1, attention, decode, pipeline, memory) "
-            f"or a check id ({', '.join(c.id for c in GPU_CHECKS)}, memory-...)")
+    if not any(c.id == text or c.id.startswith(text + "-") for c in GPU_CHECKS + CPU_CHECKS):
+        raise argparse.ArgumentTypeError(f"{text!r} names no check; give a part or check id: "
+                                         + ", ".join(c.id for c in GPU_CHECKS + CPU_CHECKS[1:]))
     return text
 
 def tokenizer_dir(text: str) -> str:
@@ -713,46 +590,33 @@ def tokenizer_dir(text: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=train.Help)
     add = p.add_argument
-    add("--dry-run", action="store_true",
-        help="the GPU checks at tiny shapes, fp32, on the CPU (figures not a GPU's)")
+    add("--dry-run", action="store_true", help="the GPU checks at tiny shapes, fp32, on the CPU")
     add("--table", action="store_true", help="only print the memory table from the stored fit")
-    add("--tokenizer", type=tokenizer_dir, help="folder with Qwen3's tokenizer.json (default: "
-        "tests/fixtures/official-tiny's byte-level one; the CPU rehearsal needs Qwen3's)")
+    add("--tokenizer", type=tokenizer_dir, help="folder with Qwen3's tokenizer.json (needed on a "
+        "CPU; default elsewhere: BPE's); the dry run uses BPE's")
     add("--parts", nargs="+", type=part, default=["stage1", "attention", "decode", "pipeline",
                                                   "memory"], help="parts or check ids to run")
     add("--budget", type=train.POSITIVE, help="seconds for all the checks, each with a share as "
         "its time guard (default: 480, or 3600 for the CPU rehearsal)")
-    add("--json", help="where to write the report (default runs/realsize.json; "
-        "runs/realsize-dry-run.json with --dry-run)")
+    add("--json", help="the report (default runs/realsize.json, or runs/realsize-dry-run.json)")
     add("--work", help="folder for the models, logs and runs, kept (default: a temporary one)")
-    add("--threads", type=train.COUNT, default=0, help="CPU threads per check (0: torch's)")
-    add("--lengths", type=train.POS_INT, nargs="+", default=[128, 256, 512],
-        help="CPU rehearsal: tokens of the fp32 memory runs")
-    add("--bf16-lengths", type=train.POS_INT, nargs="*", default=[128, 512],
-        help="CPU rehearsal: tokens of the memory runs under bf16 autocast (none: skip them)")
     add("--child", help=argparse.SUPPRESS)
     add("--mode", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.argv = sys.argv[1:] if argv is None else list(argv)  # what the children are given too
-    a.tokenizer_arg = a.tokenizer  # as given, for the commands in the table
-    a.tokenizer = Path(a.tokenizer or BPE).resolve()  # the checks run in the repository
+    a.tokenizer_arg = None if a.dry_run else a.tokenizer  # as given, for the commands in the table
+    a.tokenizer = Path(a.tokenizer_arg or BPE).resolve()  # the checks run in the repository
     a.json = Path(a.json or f"runs/realsize{'-dry-run' * a.dry_run}.json")
     return a
 
 def main() -> None:
     a = parse_args()
-    if a.child:
-        return child(a)
-    if a.table:
-        return memory_table()
-    try:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: --json {a.json}: cannot make its folder ({e.strerror}); give a path "
-                 "you can write to")
+    if a.child or a.table:
+        return child(a) if a.child else memory_table()
     with tempfile.TemporaryDirectory(prefix="realsize-") as tmp:
         a.work, a.mode = Path(a.work or tmp).resolve(), "dry" if a.dry_run else "gpu"
         a.work.mkdir(parents=True, exist_ok=True)
+        a.json.parent.mkdir(parents=True, exist_ok=True)
         (a.work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows(40)))
         env = run_child(a, "env", guard=120)
         if env["status"] != "ok":
@@ -763,8 +627,17 @@ def main() -> None:
                 sys.exit("error: no CUDA GPU here, and the CPU rehearsal needs --tokenizer DIR "
                          "(Qwen3's tokenizer.json); or give --dry-run, or --table")
         a.budget = a.budget or (3600 if a.mode == "cpu" else 480)
-        report = parent(a, env)
-        print(table(report))
+        report, e = parent(a, env), env["figures"]
+        where = dict(dry="CPU dry-run (tiny shapes, fp32: not GPU figures)", cpu="the CPU "
+                     "rehearsal (0.6B shape, a CPU: not GPU figures)").get(a.mode, e["gpu"])
+        print(f"realsize on {where}: torch {e['torch']}, CUDA {e['cuda']}, cuDNN {e['cudnn']}, "
+              f"transformers {e['transformers']}; {report['date']}, {report['wall_s']:.0f} s of "
+              f"--budget {a.budget:g}\n\n| part | check | result | s | command |\n"
+              "|---|---|---|---|---|")
+        for c, r in [(c, r) for c in report["checks"] for r in c["rows"]]:  # a row per figure
+            print("| " + " | ".join(x.replace("|", "\\|") for x in [
+                c["part"], r.get("what", c["id"]), r["result"], f"{c['seconds']:.0f}",
+                f"`{c['command']}`"]) + " |")
         if a.mode == "cpu":
             print_fit([c["figures"] for c in report["checks"]
                        if c["status"] == "ok" and c["id"].startswith("memory")])
