@@ -1,20 +1,15 @@
 """The measurements bench/'s scripts share, each written once (realsize.py imports them), and
 four commands that print them for generation on a CPU, with random Qwen3s in fp32:
 
-  decode   tah.generate against transformers' generate, same weights, greedy, prefill included
-  cost     TaH's forward and cached decoding with a share p of the tokens iterating, against
-           the standard forward: targets time <= (1 + p) x 1.15, decode tokens/s >= 0.95/(1 + p)
-  batch    tokens/s per batch size (bench/eval.py --batch-size), and with every row but the
-           first stopping at once: finished rows leave the batch, so that costs about one row
-  prefill  a long prefill's peak resident memory above the start, against weights + KV cache
+    python bench/measure.py decode   # tah.generate vs transformers' generate, same weights
+    python bench/measure.py cost --clock cpu --repeats 3   # TaH's forward and decoding at an
+                                     # iterating share p against the standard ones
+    python bench/measure.py batch    # tokens/s per batch size; rows that stop leave the batch
+    python bench/measure.py prefill  # a 4096-token prefill's peak memory vs weights + KV cache
 
-    python bench/measure.py decode      # Qwen3-0.6B's shape (vocab 151936) cut to 2 layers
-    python bench/measure.py cost --clock cpu --repeats 3   # the README's and chapter 9's table
-    python bench/measure.py batch       # mid: hidden 512, 8 layers, vocab 32000
-    python bench/measure.py prefill     # 4096 tokens; every command takes --shape tiny
-
-Timed runs interleave the sides in every repeat, so that a slow moment of a shared machine hits
-both; --clock cpu (this process's CPU time, with 1 thread) is the steadier there.
+decode and prefill use Qwen3-0.6B's shape cut to 2 layers, cost and batch hidden 512, 8 layers,
+vocab 32000 (--shape tiny: seconds). Timed runs interleave the sides in every repeat, so that a
+slow moment of a shared machine hits both; --clock cpu (CPU time, 1 thread) is steadier there.
 """
 from __future__ import annotations
 
@@ -37,9 +32,8 @@ GIB = 2**30
 # ----------------------------------------------------------------------------- shared
 
 class Memory:
-    """Bytes in use on `device` and their peak since the last mark: the CUDA allocator's on a
-    GPU (allocated; `reserved` adds its cache), this process's resident bytes on a CPU (Linux's
-    VmRSS and VmHWM, the peak restarted by writing 5 to /proc/self/clear_refs)."""
+    """Bytes in use and their peak since the last mark: the CUDA allocator's on a GPU, this
+    process's resident bytes on a CPU (Linux's VmRSS, VmHWM; 5 to clear_refs restarts it)."""
 
     def __init__(self, device: torch.device):
         self.cuda = torch.device(device).type == "cuda"
@@ -75,8 +69,7 @@ def gib(n: float | str | None) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 def spread(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Weights N(0, std), norms N(1, std): wider logits than the default initialisation, so
-    that greedy decoding meets no near-ties and two libraries pick the same tokens."""
+    """Weights N(0, std), norms N(1, std): logits with no near-ties for greedy decoding."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(1.0 if p.dim() == 1 else 0.0, std)
@@ -125,9 +118,8 @@ def forced_passes(shape: tuple[int, int], p: float, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def decode_seconds(model: tah.TaH, prompt: torch.Tensor, steps: int, passes,
                    clock=time.perf_counter) -> float:
-    """Seconds (by `clock`) of `steps` greedy decode steps through the KV cache after a prefill
-    (not timed) of the prompt, on the prompt's device (on a GPU the clock waits for its work).
-    passes: "standard" (nobody iterates) or a (B, steps) tensor, the passes of each step."""
+    """Seconds (by `clock`, waiting for a GPU) of `steps` greedy decode steps after an untimed
+    prefill of the prompt; passes: "standard" (nobody iterates) or (B, steps), those of each."""
     B, T = prompt.shape
     cache, sync = tah.KVCache(model, B, T + steps), Memory(prompt.device).sync
     tok = model(prompt, "standard", cache=cache, logits="last").logits[:, -1].argmax(-1)
@@ -179,9 +171,8 @@ def decode(a, clock) -> None:
 
 def cost(a, clock) -> None:
     model, T, steps, c = tah_model(a), a.prompt_len, a.new_tokens, config(a)
-    print(f"model: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, vocab "
-          f"{c['vocab_size']}, LoRA r 16; T = {T}, {steps} decode steps, {a.threads} thread(s), "
-          f"fp32 CPU, {a.clock} clock")
+    print(f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, vocab {c['vocab_size']}, "
+          f"LoRA r 16; {steps} decode steps; {a.threads} thread(s), {a.clock} clock")
     ids = torch.randint(0, c["vocab_size"], (1, T), generator=torch.Generator().manual_seed(1))
     ps = [None] + a.fractions  # None: the standard forward, nobody iterating
     fwd_passes = {p: forced_passes((1, T), p, 2) if p is not None else "standard" for p in ps}
@@ -208,8 +199,7 @@ def cost(a, clock) -> None:
     print(f"\n{misses or 'all'} targets {'MISSED' if misses else 'met'}")
 
 def batch(a, clock) -> None:
-    model, n, T = tah_model(a), a.new_tokens, a.prompt_len
-    cases, stops = {}, {}
+    model, n, T, cases, stops = tah_model(a), a.new_tokens, a.prompt_len, {}, {}
     for b in a.batches:  # prompts of T/2..T tokens, left-padded
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(0, model.config.vocab_size, (b, T), generator=g)
@@ -284,13 +274,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             c.add_argument("--new-tokens", type=int, default=new,
                            help="tokens generated per run (cost: the decode steps timed)")
             c.add_argument("--repeats", type=int, default=repeats, help="interleaved repeats")
-    sub.choices["decode"].add_argument("--seed", type=int, default=0,
-                                       help="seed of the weights and the prompt")
-    sub.choices["cost"].add_argument("--fractions", type=float, nargs="+",
-                                     default=[0.0, 0.1, 0.5, 1.0],
-                                     help="shares p of the tokens (and decode steps) iterating")
-    sub.choices["batch"].add_argument("--batches", type=int, nargs="+", default=[1, 4, 16],
-                                      help="batch sizes")
+    add = {name: c.add_argument for name, c in sub.choices.items()}
+    add["decode"]("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    add["cost"]("--fractions", type=float, nargs="+", default=[0.0, 0.1, 0.5, 1.0],
+                help="shares p of the tokens (and decode steps) iterating")
+    add["batch"]("--batches", type=int, nargs="+", default=[1, 4, 16], help="batch sizes")
     return p.parse_args(argv)
 
 def main(argv=None) -> None:

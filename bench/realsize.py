@@ -209,9 +209,8 @@ def attend(s: Setting, call: tuple, backend: str | None = None) -> torch.Tensor:
     return y.detach()
 
 def check_attention(s: Setting) -> dict:
-    """Which SDPA kernels PyTorch picks for tah's two calls of one layer (pass 1, pass 2) at 4096
-    tokens, then each backend alone: refused (PyTorch's reasons) or accepted, its forward and
-    backward time (median ms) and its largest difference from tah.attention_reference."""
+    """The SDPA kernel PyTorch picks for tah's two calls of a layer at 4096 tokens, then each
+    backend alone: refused (why) or its time and largest difference from attention_reference."""
     config = replace(s.config("0.6b"), num_hidden_layers=1, vocab_size=1024)  # one real layer
     torch.manual_seed(0)
     model = tah.TaH(config, tah.TaHConfig(lora_dropout=0.0)).to(s.device).eval()
@@ -393,9 +392,8 @@ def attention_scores(c: tah.Qwen3Config, T: int) -> float:
     return 3 * 4 * c.num_attention_heads * T * T  # pass 1's layers: T queries, T keys
 
 def print_fit(records: list[dict]) -> None:
-    """The estimator fitted per dtype to the memory runs (stage1_step's figures with a role:
-    "fit", "chunk" (small CE chunks) or "held" (left out of the fit)): the constants, measured
-    against predicted, and the EXTRAPOLATION to one GPU (GiB; + SDPA's math kernel)."""
+    """The estimator fitted per dtype to the memory runs (stage1_step's figures, role "fit",
+    "chunk" or "held"): constants, measured vs predicted, and the EXTRAPOLATION to one GPU."""
     cal = {}
     for bf16 in (False, True):
         runs = {r["role"]: r for r in records if r["bf16"] == bf16}  # one chunk run, one held
