@@ -45,6 +45,7 @@ BPE = ROOT / "tests" / "fixtures" / "official-tiny"
 SHAPES = {"0.6b": tah.Qwen3Config(),  # config.json of Qwen/Qwen3-0.6B-Base and -1.7B-Base
           "1.7b": tah.Qwen3Config(hidden_size=2048, intermediate_size=6144)}
 PHASES = ["forward", "logits", "layers", "optimizer"]  # of a step, as stage1_step marks them
+CE_CHUNK = train.CE_CHUNK  # train.py's positions per LM-loss chunk, before a run sets another
 # The CPU rehearsal's stage-1 steps (tokens, bf16 autocast, CE chunk, role): per dtype the fit's
 # lengths, one with small CE chunks (what a chunk costs), and one held out of the fit.
 MEMORY_RUNS = [(128, 0, None, "fit"), (256, 0, None, "fit"), (512, 0, None, "fit"),
@@ -118,7 +119,7 @@ def stage1_step(s: Setting, shape: str, tokens: int, policy: str = "oracle",
     GPU) at the start, with the weights, with gradients and moments (fixed), and each phase's
     peak: forward (and loss), logits (backward to the last layer's recompute), layers, optimizer."""
     mem, dtype = s.memory, dtype or str(s.dtype).removeprefix("torch.")
-    train.CE_CHUNK = chunk or train.CE_CHUNK
+    train.CE_CHUNK = chunk or CE_CHUNK  # train.py reads it at each call
     d, out = random_model(s, shape), s.work / f"stage1-{shape}-{tokens}-{policy}"
     data, labels = random_rows(s.config(shape).vocab_size, tokens, s.steps,
                                HARD if policy == "oracle" else 1.0)
