@@ -68,11 +68,11 @@ class Setting:
         self.steps = dict(gpu=5, cpu=1, dry=3)[mode]  # stage-1 steps a check takes
         self.decode_len = 16 if self.dry else 256  # prompt tokens, and new tokens, of decoding
 
-    def config(self, shape: str) -> tah.Qwen3Config:  # the dry run's: BPE's, or wider
-        if not self.dry:
-            return SHAPES[shape]
-        tiny = tah.Qwen3Config.from_dict(tah.read_json(BPE / "config.json"))
-        return tiny if shape == "0.6b" else replace(tiny, hidden_size=96, intermediate_size=192)
+    def config(self, shape: str) -> tah.Qwen3Config:  # the dry run's: 2 of BPE's 4 layers
+        width = 64 if shape == "0.6b" else 96  # BPE's, or wider
+        tiny = dict(num_hidden_layers=2, hidden_size=width, intermediate_size=2 * width)
+        return tah.Qwen3Config.from_dict(tah.read_json(BPE / "config.json") | tiny) if self.dry \
+            else SHAPES[shape]
 
 def random_model(s: Setting, shape: str) -> Path:  # spread's weights and s.tokenizer, saved once
     d = s.work / f"qwen3-{shape}{'-tiny' * s.dry}-random"
@@ -302,19 +302,20 @@ def check_pipeline(s: Setting) -> dict:
     d, out = random_model(s, "0.6b"), s.work / "pipeline-run"
     shutil.rmtree(out, ignore_errors=True)
     flags = ["--size", "0.6b", "--max-len", "128", "--steps", "2", "--decider-steps", "2",
-             "--batch", "2", "--micro-batch", "1", "--eval-samples", "2", "--save-every", "0"] + [
-        "--device", "cpu", "--dtype", "float32", "--threads", str(s.threads)] * (s.mode != "gpu") \
-        + ["--decider-layers", "0", "1", "2"] * s.dry
+             "--batch", "2", "--micro-batch", "1", "--eval-samples", "2", "--save-every", "0",
+             "--device", s.device.type, "--dtype", "bfloat16" if s.mode == "gpu" else "float32",
+             "--threads", str(s.threads)] + ["--decider-layers", "0", "1", "2"] * s.dry
     wall = script("train.py", *flags, "--model", str(d), "--reference", str(d), "--data",
                   str(s.work / "rows.jsonl"), "--out", str(out))
-    answer = script("generate.py", "--model", str(out / "tah"), "--max-new-tokens", "8",
-                    "--greedy", "What is 2+3?")
+    answer = None if s.dry else script(  # the dry run leaves it to the tests, for time
+        "generate.py", "--model", str(out / "tah"), "--max-new-tokens", "8", "--greedy", "2+3?")
     written = sorted(str(f.relative_to(out / "tah")) for f in (out / "tah").rglob("*.*"))
     evaluated = list(json.loads((out / "eval.json").read_text())["tah"])
     return dict(figures=dict(seconds=wall, generate_seconds=answer, files=written,
                              policies=evaluated), rows=[dict(result=(
         f"exit 0 in {wall:.0f} s (python train.py {' '.join(flags)}, 40 rows), writing tah/: "
-        f"{', '.join(written)}; evaluated: {', '.join(evaluated)}; generate.py: {answer:.0f} s"))])
+        f"{', '.join(written)}; evaluated: {', '.join(evaluated)}"
+        + (f"; generate.py: {answer:.0f} s" if answer else "")))])
 
 
 # --- the memory estimator (refit by the main session) ------------------------------------------
@@ -485,13 +486,12 @@ CPU_CHECKS = [Check("pipeline", 200, check_pipeline)] + [Check(  # the CPU rehea
     20 + T / 10, partial(check_stage1, shape="0.6b", tokens=T, dtype=("float32", "bfloat16")[b],
                          chunk=c, role=role)) for T, b, c, role in MEMORY_RUNS]
 
-def check_env(s: Setting) -> dict:
-    p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+def check_env(s: Setting | None) -> dict:  # s None: no CUDA here (the parent must not init it)
+    p = torch.cuda.get_device_properties(0) if s and torch.cuda.is_available() else None
     return dict(rows=[], figures=dict(
         torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
         transformers=find_spec("transformers") and version("transformers"),  # for decode-*
-        gpu=p and f"{p.name} ({p.total_memory / GIB:.1f} GiB, compute capability {p.major}."
-        f"{p.minor})"))
+        gpu=p and f"{p.name} ({p.total_memory / GIB:.1f} GiB, capability {p.major}.{p.minor})"))
 
 def child(a) -> None:
     """One check in this process (REALSIZE_FAULT may make it fail); its result to WORK/ID.json."""
@@ -544,10 +544,10 @@ def run_child(a, check_id: str, guard: float) -> dict:
     return r | dict(status="ok", error=None, **json.loads((a.work / f"{check_id}.json").read_text(
         )))
 
-def parent(a, env: dict) -> dict:
+def parent(a, env: dict, t0: float) -> dict:
     """Runs the chosen checks in order, each under its time guard (its share of what is left
-    of --budget plus what the earlier ones left unused); the report, written after each."""
-    t0, checks = time.perf_counter(), CPU_CHECKS if a.mode == "cpu" else GPU_CHECKS
+    of --budget since t0 plus what the earlier ones left unused); the report, after each."""
+    checks = CPU_CHECKS if a.mode == "cpu" else GPU_CHECKS
     chosen = [c for c in checks if any(c.id == p or c.id.startswith(p + "-") for p in a.parts)]
     if not chosen:
         sys.exit(f"error: --parts {' '.join(a.parts)}: no check of these runs here; here: "
@@ -613,12 +613,13 @@ def main() -> None:
     if a.child or a.table:
         return child(a) if a.child else memory_table()
     with tempfile.TemporaryDirectory(prefix="realsize-") as tmp:
-        a.work, a.mode = Path(a.work or tmp).resolve(), "dry" if a.dry_run else "gpu"
+        t0, a.work = time.perf_counter(), Path(a.work or tmp).resolve()
+        a.mode = "dry" if a.dry_run else "gpu"  # "cpu" once the env check finds no GPU
         a.work.mkdir(parents=True, exist_ok=True)
         a.json.parent.mkdir(parents=True, exist_ok=True)
         (a.work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows(40)))
-        env = run_child(a, "env", guard=120)
-        if env["status"] != "ok":
+        env = check_env(None) if a.dry_run else run_child(a, "env", guard=120)
+        if env.get("status", "ok") != "ok":
             sys.exit(f"error: {env['error']}")
         if not a.dry_run and not env["figures"]["gpu"]:  # no GPU: the CPU rehearsal
             a.mode = "cpu"
@@ -626,7 +627,7 @@ def main() -> None:
                 sys.exit("error: no CUDA GPU here, and the CPU rehearsal needs --tokenizer DIR "
                          "(Qwen3's tokenizer.json); or give --dry-run, or --table")
         a.budget = a.budget or (3600 if a.mode == "cpu" else 480)
-        report, e = parent(a, env), env["figures"]
+        report, e = parent(a, env, t0), env["figures"]
         where = dict(dry="CPU dry-run (tiny shapes, fp32: not GPU figures)", cpu="the CPU "
                      "rehearsal (0.6B shape, a CPU: not GPU figures)").get(a.mode, e["gpu"])
         print(f"realsize on {where}: torch {e['torch']}, CUDA {e['cuda']}, cuDNN {e['cudnn']}, "

@@ -121,19 +121,19 @@ def test_pipeline_wrote_a_tah_checkpoint(full):
     tmp, _, report = full
     c = next(c for c in report["checks"] if c["id"] == "pipeline")
     f = c["figures"]
-    assert 0 < f["seconds"] + f["generate_seconds"] <= c["seconds"]
+    assert 0 < f["seconds"] <= c["seconds"] and f["generate_seconds"] is None  # not dry-run
     assert f["policies"] == ["standard", "always", "oracle", "decider"]
     assert set(f["files"]) >= {"config.json", "model.safetensors", "tah_config.json",
                                "decider.safetensors", "lora/adapter_model.safetensors"}
     assert c["rows"][0]["result"].startswith("CPU dry-run: exit 0 in ")
     model = tah.load(tmp / "work" / "pipeline-run" / "tah")  # what train.py wrote loads back
     assert model.decider is not None and model.tah.lora_r == 16
-    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 4  # BPE's model
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
 
 
 def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
     t = time.time()
-    p, report = dry_run(tmp_path, "--parts", "attention", "--budget", "15", fault="attention=hang")
+    p, report = dry_run(tmp_path, "--parts", "attention", "--budget", "10", fault="attention=hang")
     assert time.time() - t < 40  # the hung check did not hold the run
     [hung] = report["checks"]
     assert hung["id"] == "attention" and hung["status"] == "time guard"
