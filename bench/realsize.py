@@ -591,8 +591,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add = p.add_argument
     add("--dry-run", action="store_true", help="the GPU checks at tiny shapes, fp32, on the CPU")
     add("--table", action="store_true", help="only print the memory table from the stored fit")
-    add("--tokenizer", type=tokenizer_dir, help="folder with Qwen3's tokenizer.json (needed on a "
-        "CPU; default elsewhere: BPE's); the dry run uses BPE's")
+    add("--tokenizer", type=tokenizer_dir, help="folder with Qwen3's tokenizer.json: needed on a "
+        "CPU, else tests/fixtures/official-tiny's byte-level one (the dry run's, always)")
     add("--parts", nargs="+", type=part, default=["stage1", "attention", "decode", "pipeline",
                                                   "memory"], help="parts or check ids to run")
     add("--budget", type=train.POSITIVE, help="seconds for all the checks, each with a share as "
