@@ -1,5 +1,5 @@
 """The measurements that left train.py for bench/: bench/seeds.py (train.main once per seed, the
-per-seed and mean/range tables) and bench/rehearse.py's stored fit of stage 1's peak memory."""
+per-seed and mean/range tables) and bench/realsize.py's stored fit of stage 1's peak memory."""
 import json
 import sys
 
@@ -8,9 +8,9 @@ import torch
 from conftest import ROOT
 
 import tah
+from bench import realsize
 
 sys.path.insert(0, str(ROOT / "bench"))
-import rehearse  # noqa: E402
 import seeds  # noqa: E402
 
 TOY = ["--pretrain-steps", "6", "--steps", "6", "--decider-steps", "4", "--batch", "8", "--micro-batch", "4",
@@ -53,39 +53,41 @@ def test_seeds_run_each_seed_in_its_folder(tmp_path, capsys):
 
 def test_peak_memory_estimate_matches_the_rehearsal():
     """At the true Qwen3-0.6B shape with its published LoRA, the estimator reproduces the peak
-    resident memory that bench/rehearse.py measured for one fp32 stage-1 step on a CPU (GiB, at
-    128/256/512 tokens, and 768 tokens, which the fit did not see) within 3%; bf16 autocast
-    costs more per parameter (weight copies) and less per token, and AdamW's update is a floor."""
+    resident memory that the CPU rehearsal (bench/realsize.py --tokenizer DIR) measured for one
+    fp32 stage-1 step (GiB, at 128/256/512 tokens, and 768 tokens, which the fit did not see)
+    within 3%; bf16 autocast costs more per parameter (weight copies) and less per token, and
+    AdamW's update is a floor."""
     config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
     for tokens, measured in [(128, 12.96), (256, 13.17), (512, 13.59), (768, 13.98)]:
-        gib = rehearse.peak_memory_bytes(config, parts, tokens, 1, torch.float32) / 2**30
+        gib = realsize.peak_memory_bytes(config, parts, tokens, 1, torch.float32) / 2**30
         assert gib == pytest.approx(measured, rel=0.03), tokens
     for tokens, measured in [(128, 12.50), (512, 12.90)]:  # the bf16 autocast runs
-        gib = rehearse.peak_memory_bytes(config, parts, tokens, 1, torch.bfloat16) / 2**30
+        gib = realsize.peak_memory_bytes(config, parts, tokens, 1, torch.bfloat16) / 2**30
         assert gib == pytest.approx(measured, rel=0.03), tokens
-    long = rehearse.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16) / 2**30
+    long = realsize.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16) / 2**30
     assert 18 < long < 22  # the README's "~20 GiB at 4096 tokens" for 0.6b
     small = tah.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                             num_attention_heads=1, num_key_value_heads=1, head_dim=8)
     n = sum(p.numel() for p in tah.TaH(small, parts).parameters())
-    assert rehearse.peak_memory_bytes(small, parts, 1, 1, torch.float32) == 20 * n
+    assert realsize.peak_memory_bytes(small, parts, 1, 1, torch.float32) == 20 * n
 
 
 def test_the_estimate_follows_who_iterates():
     """AlwaysThink's second pass over every token costs more than stage 1's 15%; Standard less."""
     config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
-    at = {share: rehearse.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16, share)
-          for share in (0.0, rehearse.HARD_SHARE, 1.0)}
-    assert at[0.0] < at[rehearse.HARD_SHARE] < at[1.0]
-    assert at[rehearse.HARD_SHARE] == rehearse.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16)
+    at = {share: realsize.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16, share)
+          for share in (0.0, realsize.HARD_SHARE, 1.0)}
+    assert at[0.0] < at[realsize.HARD_SHARE] < at[1.0]
+    default = realsize.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16)
+    assert at[realsize.HARD_SHARE] == default
 
 
 def test_memory_table_is_the_estimate(capsys):
-    """`python bench/rehearse.py --table`: the README's table, each cell peak_memory_bytes in GiB."""
-    rehearse.memory_table()
+    """`python bench/realsize.py --table`: the README's table, each cell peak_memory_bytes (GiB)."""
+    realsize.memory_table()
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     for name, lora in (("0.6b", 16), ("1.7b", 32)):
-        config, parts = rehearse.SHAPES[name], tah.TaHConfig(lora_r=lora, lora_alpha=2 * lora)
-        cells = [f"{rehearse.peak_memory_bytes(config, parts, T, 1, torch.bfloat16) / 2**30:.1f}"
+        config, parts = realsize.SHAPES[name], tah.TaHConfig(lora_r=lora, lora_alpha=2 * lora)
+        cells = [f"{realsize.peak_memory_bytes(config, parts, T, 1, torch.bfloat16) / 2**30:.1f}"
                  for T in (4096, 8192)]
         assert rows[name][-2:] == cells

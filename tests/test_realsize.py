@@ -1,4 +1,4 @@
-"""bench/gpu_check.py --dry-run: the GPU check's code at tiny shapes on the CPU, so that it cannot
+"""bench/realsize.py --dry-run: the GPU checks' code at tiny shapes on the CPU, so that it cannot
 rot before a GPU is at hand. One full dry run (one check forced to fail, one to run out of
 memory) and one short run whose check hangs past its time guard; each in a subprocess, as a user
 runs it. About 1.5 minutes on the project's 2-core machine when it is quiet."""
@@ -13,42 +13,45 @@ import torch
 from conftest import ROOT
 
 import tah
-from bench import gpu_check
+import train
+from bench import realsize
+from bench.measure import gib
 
 PARTS = ["stage1", "attention", "decode", "pipeline"]
 FAILS, OOM = "stage1-0.6b-8192-always", "stage1-1.7b-4096-oracle"
 
 
 def dry_run(tmp, *flags: str, fault: str = "") -> tuple[subprocess.CompletedProcess, dict]:
-    """Runs the dry run with GPU_CHECK_FAULT=fault; returns the process and its JSON report."""
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--json",
+    """Runs the dry run with REALSIZE_FAULT=fault; returns the process and its JSON report."""
+    cmd = [sys.executable, str(ROOT / "bench" / "realsize.py"), "--dry-run", "--json",
            str(tmp / "report.json"), "--work", str(tmp / "work"), *flags]
     p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=400,
-                       env=os.environ | {"GPU_CHECK_FAULT": fault, "OMP_NUM_THREADS": "1"})
+                       env=os.environ | {"REALSIZE_FAULT": fault, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return p, json.loads((tmp / "report.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_check")
+    tmp = tmp_path_factory.mktemp("realsize")
     return tmp, *dry_run(tmp, fault=f"{FAILS}=raise,{OOM}=oom")
 
 
 def test_every_check_has_rows_and_the_table_is_the_json(full):
     _, p, report = full
-    assert [c["id"] for c in report["checks"]] == [c.id for c in gpu_check.CHECKS]
+    assert [c["id"] for c in report["checks"]] == [c.id for c in realsize.GPU_CHECKS]
     assert {c["part"] for c in report["checks"]} == set(PARTS)
-    assert report["dry_run"] and report["env"]["torch"] == torch.__version__
+    assert report["mode"] == "dry" and report["env"]["torch"] == torch.__version__
     table = p.stdout.splitlines()
-    assert table[0].startswith("GPU check on CPU dry-run") and torch.__version__ in table[0]
+    assert table[0].startswith("realsize on CPU dry-run") and torch.__version__ in table[0]
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| part ")]
-    want = [f"| {c['part']} | {r['what']} | {r['result'].replace('|', chr(92) + '|')} | "
-            f"{c['seconds']:.0f} | `{c['command']}` |" for c in report["checks"] for r in c["rows"]]
+    want = [f"| {c['part']} | {r.get('what', c['id'])} | "
+            f"{r['result'].replace('|', chr(92) + '|')} | {c['seconds']:.0f} | `{c['command']}` |"
+            for c in report["checks"] for r in c["rows"]]
     assert rows == want  # the same rows, in the same order, nothing else
     assert all(r["result"].startswith("CPU dry-run: ") for c in report["checks"] for r in c["rows"])
     for c in report["checks"]:
-        assert c["command"] == f"python bench/gpu_check.py --parts {c['id']} --dry-run"
+        assert c["command"] == f"python bench/realsize.py --parts {c['id']} --dry-run"
 
 
 def test_a_failing_check_is_a_row_and_the_others_complete(full):
@@ -66,22 +69,25 @@ def test_stage1_figures(full):
     for c in [c for c in report["checks"] if c["part"] == "stage1" and c["status"] == "ok"]:
         f = c["figures"]
         tokens = int(c["id"].split("-")[2]) // 64  # the dry run's lengths
-        assert f["tokens"] == tokens and f["steps"] == 3
+        assert f["length"] == tokens and f["steps"] == 3 and f["chunk"] == train.CE_CHUNK
         share = 1.0 if f["policy"] == "always" else round(0.15 * tokens) / tokens
-        assert f["iterating"] == pytest.approx(share)
-        assert f["tokens_per_second"] == pytest.approx(tokens / f["step_seconds"])
-        assert 0 < f["step_seconds"] < c["seconds"] and f["peak_resident"] > 2**20
+        assert f["iterating"] == pytest.approx(share) and f["hard"] == round(share * tokens)
+        assert f["tokens_per_second"] == pytest.approx(tokens / f["seconds"])
+        assert 0 < f["seconds"] < c["seconds"] and f["reserved"] is None  # no CUDA allocator
+        # every phase of the step was marked, each peak above what the process held before
+        assert f["start"] < f["weights"] and min(f[ph] for ph in realsize.PHASES) > f["start"]
+        assert f["peak"] == max(f[ph] for ph in realsize.PHASES)
         row = c["rows"][0]["result"]  # the table says what the JSON holds
-        assert f"{tokens} tokens, {share:.1%} iterating" in row
-        assert f"{f['tokens_per_second']:,.0f} tokens/s ({f['step_seconds']:.2f} s a step" in row
-        assert f"peak resident memory {gpu_check.gib(f['peak_resident'])}" in row
+        assert f"{tokens} tokens, {share:.1%} iterating, fp32: peak {gib(f['peak'])} (" in row
+        assert f"layers {gib(f['layers'])}, optimizer {gib(f['optimizer'])}; " in row
+        assert f"{f['tokens_per_second']:,.0f} tokens/s ({f['seconds']:.2f} s a step)" in row
 
 
 def test_attention_backends_agree_with_the_reference(full):
     _, _, report = full
     c = next(c for c in report["checks"] if c["id"] == "attention")
     backends, rows = c["figures"]["backends"], {r["what"]: r["result"] for r in c["rows"]}
-    assert list(backends) == list(gpu_check.BACKENDS)
+    assert list(backends) == list(realsize.BACKENDS)
     assert backends["math"]["accepted"]  # the math kernel takes any mask
     accepted = [b for b, f in backends.items() if f["accepted"]]
     assert c["figures"]["default"] and set(c["figures"]["default"]) <= set(accepted)
@@ -103,30 +109,23 @@ def test_decode_tokens_match_transformers(full):
         batches = c["figures"]["batches"]
         assert list(batches) == ["1", "16"]
         for B, f in batches.items():
-            assert f["identical"] and f["first_mismatch"] is None  # fp32: the same greedy tokens
+            assert f["identical_rows"] == int(B)  # fp32: the same greedy tokens in every row
             assert f["tah_tokens_per_s"] > 0 and f["hf_tokens_per_s"] > 0
-        assert c["rows"][0]["result"].startswith("CPU dry-run: tokens identical (1 x 16)")
-        assert c["rows"][1]["result"].startswith("CPU dry-run: tokens identical (16 x 16)")
+        assert c["rows"][0]["result"].startswith("CPU dry-run: tokens identical in 1 of 1 rows;")
+        assert c["rows"][1]["result"].startswith("CPU dry-run: tokens identical in 16 of 16 rows")
         speed = c["figures"]["tah_decode_tokens_per_s"]
         assert list(speed) == ["0.0", "0.1", "0.5"] and all(v > 0 for v in speed.values())
-
-
-def test_agreement_names_the_first_mismatch():
-    ours = torch.arange(12).view(3, 4)
-    theirs = ours.clone()
-    theirs[1, 3], theirs[2, 1] = -1, -1  # row 2 parts first, at its 2nd new token
-    assert gpu_check.agreement(ours, theirs) == (
-        "first mismatch at new token 2 of 4 (row 2); 1 of 3 rows identical", 2)
-    assert gpu_check.agreement(ours, ours.clone()) == ("tokens identical (3 x 4)", None)
 
 
 def test_pipeline_wrote_a_tah_checkpoint(full):
     tmp, _, report = full
     c = next(c for c in report["checks"] if c["id"] == "pipeline")
     f = c["figures"]
-    assert f["exit"] == 0 and f["checkpoint_written"] and 0 < f["seconds"] <= c["seconds"]
+    assert 0 < f["seconds"] <= c["seconds"] and f["generate_seconds"] is None  # not dry-run
     assert f["policies"] == ["standard", "always", "oracle", "decider"]
-    assert "checkpoint written: yes" in c["rows"][0]["result"]
+    assert set(f["files"]) >= {"config.json", "model.safetensors", "tah_config.json",
+                               "decider.safetensors", "lora/adapter_model.safetensors"}
+    assert c["rows"][0]["result"].startswith("CPU dry-run: exit 0 in ")
     model = tah.load(tmp / "work" / "pipeline-run" / "tah")  # what train.py wrote loads back
     assert model.decider is not None and model.tah.lora_r == 16
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
@@ -134,7 +133,7 @@ def test_pipeline_wrote_a_tah_checkpoint(full):
 
 def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
     t = time.time()
-    p, report = dry_run(tmp_path, "--parts", "attention", "--budget", "15", fault="attention=hang")
+    p, report = dry_run(tmp_path, "--parts", "attention", "--budget", "10", fault="attention=hang")
     assert time.time() - t < 40  # the hung check did not hold the run
     [hung] = report["checks"]
     assert hung["id"] == "attention" and hung["status"] == "time guard"
@@ -145,21 +144,24 @@ def test_a_check_past_its_time_guard_is_stopped_and_said_so(tmp_path):
 
 def test_flags_are_checked_where_they_are_parsed(tmp_path, capsys):
     for flags, message in [(["--parts", "nothing"], "'nothing' names no check"),
-                           (["--budget", "0"], "give a number of seconds above 0"),
+                           (["--budget", "0"], "0 is not a number > 0"),
                            (["--tokenizer", str(tmp_path)], "no tokenizer.json there")]:
         with pytest.raises(SystemExit) as e:
-            gpu_check.parse_args(flags)
+            realsize.parse_args(flags)
         assert e.value.code == 2 and message in capsys.readouterr().err
-    a = gpu_check.parse_args(["--parts", "decode", "stage1-0.6b", "--dry-run"])
-    assert a.parts == ["decode", "stage1-0.6b"] and str(a.json) == "runs/gpu_check-dry-run.json"
+    a = realsize.parse_args(["--parts", "decode", "stage1-0.6b", "memory-bf16", "--dry-run"])
+    assert a.parts == ["decode", "stage1-0.6b", "memory-bf16"]
+    assert str(a.json) == "runs/realsize-dry-run.json" and a.tokenizer == realsize.BPE.resolve()
 
 
-def test_the_gpu_setting_builds_the_published_shapes(full):
+def test_the_gpu_setting_builds_the_published_shapes(tmp_path):
     """What only a GPU run builds: Qwen3-0.6B and -1.7B (parameters as their model cards give
-    them: 0.6B with 0.44B outside the embedding, 1.7B with 1.4B), bf16 on CUDA."""
-    tmp, _, _ = full
-    s = gpu_check.Setting(False, tmp / "work", tmp / "work" / "tokenizer")
+    them: 0.6B with 0.44B outside the embedding, 1.7B with 1.4B), bf16 on CUDA; the CPU
+    rehearsal builds the same, one step per memory run."""
+    s = realsize.Setting("gpu", tmp_path, realsize.BPE)
     assert s.device.type == "cuda" and s.dtype == torch.bfloat16 and s.shrink == 1
+    cpu = realsize.Setting("cpu", tmp_path, realsize.BPE)
+    assert cpu.device.type == "cpu" and cpu.steps == 1 and cpu.config("0.6b") == s.config("0.6b")
     for shape, total, body in [("0.6b", 0.596e9, 0.440e9), ("1.7b", 1.72e9, 1.41e9)]:
         c = s.config(shape)
         assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
