@@ -48,9 +48,9 @@ PHASES = ["forward", "logits", "layers", "optimizer"]  # of a step, as stage1_st
 CE_CHUNK = train.CE_CHUNK  # train.py's positions per LM-loss chunk, before a run sets another
 # The CPU rehearsal's stage-1 steps (tokens, bf16 autocast, CE chunk, role): per dtype the fit's
 # lengths, one with small CE chunks (what a chunk costs), and one held out of the fit.
-MEMORY_RUNS = [(128, 0, None, "fit"), (256, 0, None, "fit"), (512, 0, None, "fit"),
-               (256, 0, 64, "chunk"), (128, 1, None, "fit"), (512, 1, None, "fit"),
-               (256, 1, 64, "chunk"), (768, 0, None, "held")]
+MEMORY_RUNS = [(256, 1, None, "fit"), (512, 1, None, "fit"), (1024, 1, None, "fit"),
+               (1024, 1, 256, "chunk"), (2048, 1, None, "held"), (256, 0, None, "fit"),
+               (1024, 0, None, "fit"), (1024, 0, 256, "chunk")]
 
 
 class Setting:
@@ -71,7 +71,7 @@ class Setting:
     def config(self, shape: str) -> tah.Qwen3Config:  # the dry run's: 2 of BPE's 4 layers
         width = 64 if shape == "0.6b" else 96  # BPE's, or wider
         tiny = dict(num_hidden_layers=2, hidden_size=width, intermediate_size=2 * width)
-        return tah.Qwen3Config.from_dict(tah.read_json(BPE / "config.json") | tiny) if self.dry \
+        return tah.qwen3_config(tah.read_json(BPE / "config.json") | tiny) if self.dry \
             else SHAPES[shape]
 
 def random_model(s: Setting, shape: str) -> Path:  # spread's weights and s.tokenizer, saved once
@@ -319,34 +319,26 @@ def check_pipeline(s: Setting) -> dict:
 
 
 # --- the memory estimator (refit by the main session) ------------------------------------------
-# For each phase of a step (forward, logits, layers) a line in the tokens T of the micro-batch:
-#   peak = 16 P + extra + T * (L * (4 (1 + f) H + kvb * KV) + b V) + min(T, chunk) * c V
-# 16 P: fp32 weights, gradients and two AdamW moments (P parameters). extra: what does not grow
-# with T, in bytes per parameter for the forward (autocast keeps a bf16 copy of every weight it
-# casts until the forward's autocast region ends) and in units of V H for the others (the (V, H)
-# tied embedding's gradient buffers, the bf16 copy of lm_head that its backward keeps). Per
-# token: each checkpointed layer keeps its fp32 input (the residual stream stays fp32 under
-# autocast) for every pass a token gets (f = share of tokens with pass 2), and pass 1's keys and
-# values (KV = kv heads x head_dim; fp32 k and v: kvb = 8; under autocast fp32 k and bf16 v: 6),
-# which pass 2 attends to; b V is the (T, V) logits and their gradients; c V the fp32 internals
-# of one cross-entropy chunk (at most 1024 positions). L, H, KV, V are theory (what autograd
-# keeps); extra, b and c are fitted per phase. The step's peak is the largest phase, or the
-# optimizer step's (16 P + a constant) if that is larger.
-CHUNK = train.CE_CHUNK  # positions per fp32 CE chunk
-STAGE1 = tah.TaHConfig(lora_r=16, lora_alpha=32, lora_dropout=0.1, input_topk=100)  # 0.6b's
+# One stage-1 step on a micro-batch of T tokens, a share f of them iterating, per phase (forward
+# with the loss; backward through the loss chunks and the head; backward through the layers):
+#   peak = 16 P + extra + T L a H (1 + f) / (1 + 0.15) + min(T, train.CE_CHUNK) c V
+# 16 P: fp32 weights, gradients and AdamW's two moments. extra, what does not grow with T: in the
+# forward, bytes per parameter (autocast's bf16 copy of each weight); in backward, in units of
+# V H (the tied embedding's gradient buffers: their running sum, each use's own gradient, the
+# dense gradients of the token lookup and of the soft-token mix). a: bytes per token, layer and
+# hidden unit that the step keeps (each checkpointed layer's input, pass 1's keys and values,
+# in backward the gradients of those keys that pass 2 sends back before pass 1 takes them, and
+# one layer's recomputed activations). c: bytes per position and vocabulary entry of one chunk
+# of logits (the logits, their fp32 copy, cross-entropy's buffers). extra, a and c are fitted per
+# phase to the CPU runs: resident memory, with glibc told to give freed blocks back at once
+# (MALLOC_MMAP_THRESHOLD_, else the freed blocks it keeps look like tensors). On a GPU the
+# optimizer phase is 20 P (AdamW's foreach path: one temporary the size of the parameters).
+PER_PHASE = PHASES[:3]
 
 def n_params(c: tah.Qwen3Config, lora_r: int) -> int:
-    """Parameters of a tied Qwen3 with LoRA rank lora_r on its seven projections."""
-    q, kv, H, I = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
-        c.hidden_size, c.intermediate_size
-    layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H + 2 * c.head_dim
-    lora = lora_r * ((H + q) + 2 * (H + kv) + (q + H) + 2 * (H + I) + (I + H))
-    return c.vocab_size * H + c.num_hidden_layers * (layer + lora) + H
-
-def layer_bytes(c: tah.Qwen3Config, f: float, kv_bytes: float) -> float:
-    """Bytes per token the checkpointed layers keep: fp32 inputs of each pass, pass 1's K, V."""
-    return c.num_hidden_layers * (4 * (1 + f) * c.hidden_size
-                                  + kv_bytes * c.num_key_value_heads * c.head_dim)
+    """Parameters of stage 1's model: Qwen3 `c` with a LoRA of rank lora_r."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in tah.TaH(c, tah.TaHConfig(lora_r=lora_r)).parameters())
 
 def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares intercept and slope."""
@@ -354,114 +346,82 @@ def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return my - slope * mx, slope
 
-def calibrate(runs: list[dict], chunked: dict | None, bf16: bool) -> dict:
-    """Fits each phase's line to one dtype's runs (lengths <= 1024 with 1024-position CE chunks,
-    and one run with small chunks: what it saves against the line is the chunk's memory for the
-    positions it left out)."""
-    c, f = SHAPES["0.6b"], sum(r["hard"] for r in runs) / sum(r["length"] for r in runs)
-    V, H, P, runtime = c.vocab_size, c.hidden_size, runs[0]["params"], runs[0]["start"]
-    k = dict(f=f, kv_bytes=6 if bf16 else 8, runtime=runtime)
-    for ph in ("forward", "logits", "layers"):
-        fixed, slope = line_fit([r["length"] for r in runs], [r[ph] for r in runs])
-        ce = (fixed + slope * chunked["length"] - chunked[ph]) / (
-            chunked["length"] - chunked["chunk"]) if chunked else 0.0
-        extra = fixed - runtime - 16 * P
-        k[ph] = dict(fixed=fixed, slope=slope, c=ce / V,
-                     b=(slope - ce - layer_bytes(c, f, k["kv_bytes"])) / V,
-                     extra=extra / P if ph == "forward" else extra / (V * H))
-    k["optimizer"] = max(r["optimizer"] for r in runs) - runtime - 16 * P  # CPU AdamW: one
-    return k  # tensor at a time
+def calibrate(fit: list[dict], chunk: dict) -> dict:
+    """(extra, a, c) per phase from one dtype's runs: lines through the runs of up to CE_CHUNK
+    tokens, and one run with smaller chunks, whose saving against the line is c V per position
+    it left out of a chunk."""
+    c, P, runtime = SHAPES["0.6b"], fit[0]["params"], fit[0]["start"]
+    k = dict(runtime=runtime)
+    for ph in PER_PHASE:
+        fixed, slope = line_fit([r["length"] for r in fit], [r[ph] for r in fit])
+        cv = (fixed + slope * chunk["length"] - chunk[ph]) / (chunk["length"] - chunk["chunk"])
+        per = P if ph == "forward" else c.vocab_size * c.hidden_size  # extra's unit
+        extra = (fixed - runtime - 16 * P) / per
+        k[ph] = (extra, (slope - cv) / (c.num_hidden_layers * c.hidden_size), cv / c.vocab_size)
+    return k
 
-def predict(k: dict, c: tah.Qwen3Config, T: int, lora_r: int, f: float | None = None,
-            chunk: int = CHUNK, gpu: bool = False) -> dict:
-    """The calibrated peak of each phase (bytes, no runtime) for config c at T tokens; on a GPU
-    the optimizer phase is 20 P: AdamW's foreach path makes one parameter-sized temporary."""
-    f, V, P = k["f"] if f is None else f, c.vocab_size, n_params(c, lora_r)
-    out = {}
-    for ph in ("forward", "logits", "layers"):
-        q = k[ph]
-        extra = q["extra"] * P if ph == "forward" else q["extra"] * V * c.hidden_size
-        out[ph] = 16 * P + extra + T * (layer_bytes(c, f, k["kv_bytes"]) + q["b"] * V) \
-            + min(T, chunk) * q["c"] * V
-    out["optimizer"] = 20 * P if gpu else 16 * P + k["optimizer"]
-    out["peak"] = max(out.values())
-    return out
-
-def attention_scores(c: tah.Qwen3Config, T: int) -> float:
-    """Bytes of (heads, T, T) fp32 score-sized buffers SDPA's math kernel holds in one layer's
-    backward (scores, saved probabilities, their gradient): what a GPU pays if SDPA cannot take
-    a mask with GQA."""
-    return 3 * 4 * c.num_attention_heads * T * T  # pass 1's layers: T queries, T keys
+def predict(k: dict, c: tah.Qwen3Config, T: int, lora_r: int, share: float = HARD,
+            chunk: int = CE_CHUNK) -> dict:
+    """Each phase's peak (bytes, no runtime) for Qwen3 `c` at T tokens, by the constants k (per
+    phase (extra, a, c)); "optimizer" is a GPU's 20 P, "peak" the largest."""
+    P, V, H = n_params(c, lora_r), c.vocab_size, c.hidden_size
+    out = {ph: 16 * P + extra * (P if ph == "forward" else V * H) + min(T, chunk) * cv * V
+           + T * c.num_hidden_layers * a * H * (1 + share) / (1 + HARD)
+           for ph, (extra, a, cv) in ((ph, k[ph]) for ph in PER_PHASE)}
+    return out | dict(optimizer=20 * P, peak=max(max(out.values()), 20 * P))
 
 def print_fit(records: list[dict]) -> None:
-    """The estimator fitted per dtype to the memory runs (stage1_step's figures, role "fit",
-    "chunk" or "held"): constants, measured vs predicted, and the EXTRAPOLATION to one GPU."""
-    cal = {}
+    """The constants fitted per dtype to the memory runs (role "fit", "chunk" or "held"), each
+    run measured against predicted, and the table they give (EXTRAPOLATED to one GPU)."""
     for bf16 in (False, True):
-        runs = {r["role"]: r for r in records if r["bf16"] == bf16}  # one chunk run, one held
-        fit = [r for r in records if r["bf16"] == bf16 and r["role"] == "fit"]
-        if len(fit) < 2:
+        runs = [r for r in records if r["bf16"] == bf16]
+        fit = [r for r in runs if r["role"] == "fit"]
+        chunk = [r for r in runs if r["role"] == "chunk"]
+        if len(fit) < 2 or not chunk:
             continue
-        k = cal[bf16] = calibrate(fit, runs.get("chunk"), bf16)
-        print(f"\n== fit to the {('fp32', 'bf16 autocast')[bf16]} runs: f {k['f']:.3f}, optimizer"
-              f" 16 P + {k['optimizer'] / GIB:.2f} GiB, per phase (extra, b, c) " + "; ".join(
-                  f"{ph} ({k[ph]['extra']:.2f}, {k[ph]['b']:.2f}, {k[ph]['c']:.2f})"
-                  for ph in PHASES[:3]))
-        for r in [r for r in records if r["bf16"] == bf16]:
-            p = predict(k, SHAPES["0.6b"], r["length"], STAGE1.lora_r, r["hard"] / r["length"],
-                        r["chunk"])["peak"] + k["runtime"]
-            print(f"  {r['length']:5} tokens, chunk {r['chunk']:4}: measured "
-                  f"{r['peak'] / GIB:6.2f} GiB, predicted {p / GIB:6.2f}, "
-                  f"{100 * (p / r['peak'] - 1):+5.1f}% ({r['role']})")
-    for name, lora_r in (("0.6b", 16), ("1.7b", 32)) if True in cal else ():
-        e = [(T, predict(cal[True], SHAPES[name], T, lora_r, 0.15, gpu=True)) for T in (4096, 8192)]
-        print(f"EXTRAPOLATED {name}, bf16 on one GPU: " + ", ".join(
-            f"{T} tokens {x['peak'] / GIB:.1f} (math kernel "
-            f"{max(x['peak'], x['layers'] + attention_scores(SHAPES[name], T)) / GIB:.1f})"
-            for T, x in e))
+        k = calibrate(fit, chunk[0])
+        print(f"\n== {('fp32', 'bf16 autocast')[bf16]}: per phase (extra, a, c) " + "; ".join(
+            f"{ph} ({', '.join(f'{x:.2f}' for x in k[ph])})" for ph in PER_PHASE))
+        for r in runs:
+            p = predict(k, SHAPES["0.6b"], r["length"], 16, r["hard"] / r["length"], r["chunk"])
+            print(f"  {r['length']:5} tokens, chunk {r['chunk']:4} ({r['role']}): " + ", ".join(
+                f"{ph} {r[ph] / GIB:.2f} measured, {(p[ph] + k['runtime']) / GIB:.2f} predicted"
+                for ph in PER_PHASE))
+        print(f"  MEMORY_PHASES[{('torch.float32', 'torch.bfloat16')[bf16]}] = dict(" + ", ".join(
+            f"{ph}=({', '.join(f'{x:.2f}' for x in k[ph])})" for ph in PER_PHASE) + ")")
+        for name, lora in (("0.6b", 16), ("1.7b", 32)) if bf16 else ():
+            print(f"  EXTRAPOLATED {name} on one GPU: " + ", ".join(
+                f"{T} tokens {predict(k, SHAPES[name], T, lora)['peak'] / GIB:.1f} GiB"
+                for T in (4096, 8192, 10000)))
 
-# The constants calibrate() found on the project's 2-core CPU (one step at 128-768 tokens, fp32
-# and bf16 autocast), from which the README's memory table comes. Per phase (forward, backward
-# through the head, backward through the layers), on top of 16 bytes per parameter and each
-# layer's per-token inputs and keys/values: (bytes per parameter, such as autocast's weight
-# copies; (V, H)-sized gradient buffers of the tied embedding; bytes x V per token for the logits
-# and their gradients; bytes x V per position of one cross-entropy chunk). AdamW's update: 20 P.
+# The constants calibrate() found on the project's 2-core CPU (`python bench/realsize.py
+# --tokenizer DIR`), per dtype and phase (forward, head, layers): (extra, a, c) as above. The
+# README's memory table comes from the bf16 ones.
 MEMORY_PHASES = {
-    torch.float32: [(0.20, 0.0, 8.84, 5.09), (0.0, 3.98, 12.34, 2.99), (0.0, 24.18, 8.90, 0.30)],
-    torch.bfloat16: [(2.19, 0.0, 9.01, 8.19), (0.0, 9.22, 13.21, 6.64), (0.0, 21.55, 5.79, 0.0)],
+    torch.float32: dict(forward=(0.0, 0.0, 0.0), logits=(0.0, 0.0, 0.0), layers=(0.0, 0.0, 0.0)),
+    torch.bfloat16: dict(forward=(0.0, 0.0, 0.0), logits=(0.0, 0.0, 0.0), layers=(0.0, 0.0, 0.0)),
 }
-KV_BYTES = {torch.float32: 8, torch.bfloat16: 6}  # k fp32 and v in the autocast dtype, per element
 HARD_SHARE = HARD  # tokens that iterate in stage 1
 
 def peak_memory_bytes(config: tah.Qwen3Config, tah_config: tah.TaHConfig, tokens: int,
                       micro_batch: int, dtype: torch.dtype, share: float = HARD_SHARE) -> int:
     """Stage 1's estimated peak memory on micro-batches of `micro_batch` rows of `tokens` tokens,
-    with a `share` of the tokens iterating (1 for AlwaysThink, 0 for Standard). The fit saw 15%;
-    another share scales the per-token terms, which pass 2 repeats for its tokens."""
-    with torch.device("meta"):
-        params = sum(p.numel() for p in tah.TaH(config, tah_config).parameters())
-    V, H, T = config.vocab_size, config.hidden_size, tokens * micro_batch
-    kv = KV_BYTES[dtype] * config.num_key_value_heads * config.head_dim
-    layers = config.num_hidden_layers * (4 * (1 + share) * H + kv)  # bytes per token
-    scale = (1 + share) / (1 + HARD_SHARE)  # the logits and their gradients, pass 2's included
-    phases = [params * (16 + extra) + vh * V * H + T * (layers + scale * per_v * V) +
-              min(T, CHUNK) * chunk_v * V
-              for extra, vh, per_v, chunk_v in MEMORY_PHASES[dtype]]
-    return int(max(*phases, 20 * params))
+    a `share` of the tokens iterating (1 for AlwaysThink, 0 for Standard; the fit saw 15%)."""
+    return int(predict(MEMORY_PHASES[dtype], config, tokens * micro_batch, tah_config.lora_r,
+                       share)["peak"])
 
 def memory_table() -> None:
     """The README's memory table: stage 1 on one GPU under bf16 autocast, micro-batch 1, from the
     stored fit (an extrapolation from the CPU runs, not a GPU measurement)."""
     print("stage 1 on one GPU, bf16 autocast, micro-batch 1, 15% of the tokens iterating: "
-          "estimated peak memory (GiB)\nmodel  16 bytes x params  4096 tokens  8192 tokens  "
-          "(EXTRAPOLATED from CPU runs: CUDA context and allocator slack come on top)")
+          "estimated peak (GiB)\nmodel  16 bytes x params  4096 tokens  8192 tokens  10000 tokens"
+          "  (EXTRAPOLATED from CPU runs: the CUDA context and allocator slack come on top)")
     for name, lora in (("0.6b", 16), ("1.7b", 32)):
         config, parts = SHAPES[name], tah.TaHConfig(lora_r=lora, lora_alpha=2 * lora)
-        with torch.device("meta"):
-            params = sum(p.numel() for p in tah.TaH(config, parts).parameters())
-        print(f"{name:6} {16 * params / GIB:8.1f} ({params / 1e9:.2f}B)" + "".join(
+        P = n_params(config, lora)
+        print(f"{name:6} {16 * P / GIB:8.1f} ({P / 1e9:.2f}B)" + "".join(
             f"{peak_memory_bytes(config, parts, T, 1, torch.bfloat16) / GIB:13.1f}"
-            for T in (4096, 8192)))
+            for T in (4096, 8192, 10000)))
 # --- end of the memory estimator ---------------------------------------------------------------
 
 
@@ -521,7 +481,8 @@ def run_child(a, check_id: str, guard: float) -> dict:
     log, t = a.work / f"{check_id}.log", time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                             env=os.environ | {"PYTHONUNBUFFERED": "1"},  # a killed one's log
+                             env=os.environ | {"PYTHONUNBUFFERED": "1"} | (  # a killed one's log
+                                 {"MALLOC_MMAP_THRESHOLD_": "65536"} if a.mode == "cpu" else {}),
                              start_new_session=True)  # its own group: train.py's goes with it
         try:
             rc = p.wait(timeout=guard)
