@@ -44,7 +44,6 @@ from tokenizers import Tokenizer as HFTokenizer
 
 # --- config (chapter 1) --------------------------------------------------------------------------
 
-
 @dataclass
 class Qwen3Config:
     """The fields of a Hugging Face Qwen3 config.json that define the network (`qwen3_config`)."""
@@ -86,7 +85,6 @@ class TaHConfig:
 
 # --- Qwen3 blocks (chapter 1) --------------------------------------------------------------------
 # Their projections are LoRALinear (chapter 3); their attention is the next section's (chapter 2).
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -145,7 +143,6 @@ class DecoderLayer(nn.Module):
 # --- duo-causal attention (chapter 2) ------------------------------------------------------------
 # While generating, Keys writes to a KVCache (the generation section, chapter 7).
 
-
 def duo_causal_mask(q_pos, q_depth, k_pos, k_depth) -> torch.Tensor:
     """True = may attend. A query at (position i, depth d) sees a key at (j, e) iff j <= i and
     e <= d. That the key exists (token j really got pass e, and is not padding) is the caller's
@@ -163,9 +160,8 @@ def attention_reference(q, k, v, mask):
 
 
 class Keys:
-    """The keys of one forward, owned in one place: for every layer and depth, their k/v, and
-    per depth their positions, depths and validity. Decoding keeps them in a KVCache (written at
-    slots, read as views); a forward without a cache keeps each depth's packed tokens.
+    """The keys of one forward in one place: per layer and depth their k/v, per depth their
+    positions, depths and validity; in a KVCache when decoding, else each depth's packed tokens.
     `at_depth` gives the queries of one depth their view: `rope` tables, `mask` and `update`."""
 
     def __init__(self, config: Qwen3Config, cache: KVCache | None, end: int):
@@ -235,7 +231,6 @@ class Attention(nn.Module):
 
 # --- LoRA (chapter 3) ----------------------------------------------------------------------------
 
-
 class LoRALinear(nn.Module):
     """A bias-free Linear with an optional low-rank adapter that only pass 2 and later use:
     y = x W^T + (alpha / r) * B(A(dropout(x))). Keys: `weight`, `lora_A.weight`, `lora_B.weight`."""
@@ -264,7 +259,6 @@ class LoRALinear(nn.Module):
 
 # --- the TaH model (chapters 3 and 4) ------------------------------------------------------------
 # TaH.decider is the next section's Decider (chapter 5).
-
 
 @dataclass
 class Output:
@@ -297,10 +291,9 @@ class TaHModel(nn.Module):  # the `model.` prefix of the checkpoint keys
 
 
 class TaH(nn.Module):
-    """Qwen3 with selective latent iterations. `policy` chooses who iterates: "decider",
-    "standard" (nobody: exactly Qwen3), "always" (everybody), or a (B, T) integer tensor of
-    passes per token (the oracle labels used in training). None (the default) means "decider"
-    for a model that has one and "standard" for a plain Qwen3."""
+    """Qwen3 with selective latent iterations. `policy` chooses who iterates: "decider", "standard"
+    (nobody: exactly Qwen3), "always", or a (B, T) tensor of passes per token (training's oracle
+    labels); None means "decider" for a model that has one, else "standard"."""
 
     def __init__(self, config: Qwen3Config, tah: TaHConfig | None = None):
         super().__init__()
@@ -333,9 +326,8 @@ class TaH(nn.Module):
         materialising the (..., k, H) rows; only the top-k selection is not smooth."""
         E = self.model.embed_tokens.weight
         w = top.float().softmax(dim=-1).to(E.dtype)  # (..., k)
-        k = idx.shape[-1]
-        mix = F.embedding_bag(idx.reshape(-1, k), E, per_sample_weights=w.reshape(-1, k),
-                              mode="sum")  # (n, H) for the n = prod(...) tokens
+        mix = F.embedding_bag(idx.reshape(-1, idx.shape[-1]), E, mode="sum",  # (n, H) for the
+                              per_sample_weights=w.reshape(-1, idx.shape[-1]))  # n = prod(...)
         return mix.view(*idx.shape[:-1], E.shape[1])  # (..., H)
 
     def head_topk(self, h: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, ...]:
@@ -399,10 +391,8 @@ class TaH(nn.Module):
         B, T = input_ids.shape
         L, max_iter = self.config.num_hidden_layers, self.tah.max_iter
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        if positions is None:
-            positions = start + (valid.cumsum(1) - 1).clamp(min=0)
-        if policy is None:
-            policy = "standard" if self.decider is None else "decider"
+        positions = start + (valid.cumsum(1) - 1).clamp(min=0) if positions is None else positions
+        policy = ("standard" if self.decider is None else "decider") if policy is None else policy
         named = isinstance(policy, str)
         allowed = ("standard", "always") + ("decider",) * (self.decider is not None)
         if named and policy not in allowed:
@@ -474,7 +464,6 @@ class TaH(nn.Module):
 
 # --- the decider (chapter 5) ---------------------------------------------------------------------
 
-
 class ResidualBlock(nn.Module):
     """x + MLP(LayerNorm(x)); a Linear skip replaces the identity where the width changes."""
 
@@ -539,7 +528,6 @@ class Decider(nn.Module):
 
 
 # --- generation (chapter 7) ----------------------------------------------------------------------
-
 
 class KVCache:
     """Keys and values of every layer and depth for generation, written at explicit slots.
@@ -618,10 +606,9 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
              policy: str | None = None, valid: torch.Tensor | None = None, stop_ids=(),
              threshold: float | None = None, generator: torch.Generator | None = None,
              **sampling) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Streams (tokens (B,), passes (B,)) one step at a time; `passes` is how many passes the
-    position that predicted the token got. Prompts are left-padded, `valid` marking real tokens.
-    Prefill is the full TaH forward; each decode step is pass 1, decider and maybe pass 2, through
-    a KV cache per depth. A row that emitted a stop id leaves the batch, yielding it, passes 0."""
+    """Streams (tokens (B,), passes (B,)): each token and the passes its predicting position got.
+    Prompts are left-padded (`valid` marks real tokens); prefill is the full TaH forward, a decode
+    step pass 1, decider, maybe pass 2 (a KV cache per depth). A stopped row repeats its stop id."""
     ids = torch.as_tensor(input_ids, device=model.lm_head.weight.device)
     ids = ids[None] if ids.dim() == 1 else ids
     B, T = ids.shape
@@ -658,7 +645,6 @@ def generate(model: TaH, input_ids: torch.Tensor | list[int], max_new_tokens: in
 
 # --- checkpoints (chapters 1 and 6) --------------------------------------------------------------
 # Reading configs (with what tah.py refuses), the authors' layout, load, add_parts, save.
-
 
 def _fill(cls, values: dict, most: dict | None = None):
     """A `cls` dataclass with `values` for its fields (absent or null: the default), each of its
@@ -781,9 +767,8 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         files = ["*.json", "*.safetensors", "tokenizer*", "iter_decider.bin", "lora/*"]  # no code
         return Path(snapshot_download(name, allow_patterns=files))
     except Exception as e:
-        raise OSError(f"could not get {name!r} from the Hugging Face hub ({type(e).__name__}: "
-                      f"{e}). Offline? Where you have a network, `hf download {name} --local-dir "
-                      "DIR`; copy DIR here and pass that directory instead of the id.") from None
+        raise OSError(f"could not get {name!r} from the hub ({type(e).__name__}: {e}). Offline? "
+                      f"`hf download {name} --local-dir DIR` online, then pass DIR") from None
 
 
 @contextmanager
@@ -861,12 +846,10 @@ def _tensors(f: Path, device, dtype) -> dict[str, torch.Tensor]:
 
 
 def load(path_or_id: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> TaH:
-    """Loads a Qwen3 or TaH checkpoint as it is on disk: a local directory or a hub id. Reads
-    config.json and model.safetensors (or its shards); with tah_config.json also lora/ and the
-    decider (decider.safetensors, or the authors' iter_decider.bin). dtype defaults to float32
-    on the CPU and bfloat16 elsewhere; the decider stays float32. Strict: a file that is missing,
-    damaged or at odds with the others (a tensor missing, unexpected or of another shape than
-    the configs say) is an error that names it. To add new TaH parts, see `add_parts`."""
+    """Loads a Qwen3 or TaH checkpoint, a local directory or a hub id: config.json and
+    model.safetensors (or shards); with tah_config.json also lora/ and the decider (ours, or the
+    authors' iter_decider.bin). dtype: float32 on the CPU, else bfloat16 (the decider float32).
+    Strict: a file missing, damaged or at odds with the others is an error that names it."""
     d = resolve(path_or_id)
     with reading(d / "config.json"):
         config = qwen3_config(read_json(d / "config.json"))
@@ -922,10 +905,9 @@ def add_parts(model: TaH, tah: TaHConfig) -> TaH:
 
 def save(model: TaH, path: str | os.PathLike,
          tokenizer_dir: str | os.PathLike | None = None) -> None:
-    """Writes a checkpoint that `load` reads back exactly, as safetensors + JSON only:
-    config.json and model.safetensors (a plain Hugging Face Qwen3), lora/ (PEFT's layout),
-    decider.safetensors and tah_config.json (the authors' schema). Written to a temporary
-    directory, then swapped in, so an interruption never leaves a half-written checkpoint."""
+    """Writes what `load` reads back exactly, safetensors + JSON only: a plain Hugging Face Qwen3,
+    lora/ (PEFT's layout), decider.safetensors and tah_config.json (the authors' schema), into a
+    temporary directory swapped in at the end: an interruption leaves no half-written checkpoint."""
     path = Path(path)  # every file and folder made as usual (umask modes), none fixed afterwards
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
@@ -966,7 +948,6 @@ def save(model: TaH, path: str | os.PathLike,
 
 # --- tokenizer (chapter 7) -----------------------------------------------------------------------
 
-
 class Tokenizer:
     """A Hugging Face tokenizer.json read with `tokenizers`, plus Qwen3's chat format by hand.
     Special tokens are looked up by their strings; a vocabulary without them has no chat format."""
@@ -996,9 +977,8 @@ class Tokenizer:
     def chat(self, messages: list[dict], add_generation_prompt: bool = True,
              enable_thinking: bool = True) -> str:
         """Qwen3's template: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn. Assistant
-        turns keep their <think> block only after the last user turn (the final one shows an
-        empty block if it has none); with thinking off the generation prompt ends with an empty
-        think block."""
+        turns keep their <think> block only after the last user turn (the final one shows an empty
+        block if it has none); with thinking off, the generation prompt ends with an empty one."""
         if not self.has_chat:
             raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so no chat "
                              "format; give it a raw prompt instead")
