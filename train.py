@@ -13,11 +13,10 @@ is the final model, eval.json, train.log). Rerunning the command skips finished 
 an interrupted one, bitwise on a CPU; Ctrl-C saves and exits. The toy: a table maps 10 letters to
 each other; a query asks for table[x] (1-hop) or table[table[x]] (2-hop).
 
-Where --size 0.6b/1.7b differs from the authors' recipe (arXiv 2511.08577; the README lists it
-all): 12,800 rows for 1 epoch (theirs: ~94k rows, 5 epochs; --samples 0 --epochs 5); fp32 weights
-and AdamW state under bf16 autocast. Rows are cut at the authors' lengths, 8192 tokens for 0.6b
-and 10000 for 1.7b (--max-len). The closing table is teacher-forced next-token accuracy on held-out
-rows, not the paper's benchmarks: python bench/eval.py --model OUT/tah paper scores those.
+Where --size 0.6b/1.7b differs from the authors' recipe (arXiv 2511.08577; the README lists all):
+12,800 rows for 1 epoch (theirs: ~94k rows, 5 epochs; --samples 0 --epochs 5); fp32 weights, AdamW
+state under bf16 autocast (rows cut at their 8192 / 10000 tokens). The closing table is next-token
+accuracy on held-out rows; bench/eval.py --model OUT/tah paper scores the paper's benchmarks.
 """
 from __future__ import annotations
 
@@ -54,8 +53,7 @@ SIZES["1.7b"] = dict(
     lora_r=32, lora_alpha=64, pos_weight=5.4, decider_layers=[2, 10, 18, 26],
     decider_dims=[512] * 6)
 SIZES["toy"] = dict(  # tuned for a CPU and minutes
-    model=None,  # the toy trains its own Standard model first...
-    reference=None,  # ...which is also the oracle's reference
+    model=None, reference=None,  # the toy's own Standard model: stage 1's start and the reference
     pretrain_steps=600,  # that Standard model's steps, from scratch
     steps=600,  # stage 1's steps, and each baseline's
     decider_steps=300,  # stage 2's steps
@@ -130,9 +128,8 @@ def read_jsonl(path: str):
             yield msgs[:-1], msgs[-1]["content"]
 
 def choose_generation(problem: dict, n_tokens) -> str | None:
-    """The authors' choice for an OpenR1 problem: the generations math_verify marks correct, else
-    (none, or the field missing or None) those llama marks correct; the shortest by n_tokens(texts);
-    None if there is none or it has OPENR1_MAX_TOKENS tokens or more."""
+    """The authors' choice for an OpenR1 problem: of the generations math_verify marks correct (or
+    else llama), the shortest by n_tokens(texts); None if none, or it has OPENR1_MAX_TOKENS+."""
     for field in ("correctness_math_verify", "correctness_llama"):
         ok = [g for g, c in zip(problem.get("generations") or [], problem.get(field) or [])
               if c and g]
@@ -160,9 +157,8 @@ def openr1_rows(tok: tah.Tokenizer):
 
 def chat_data(rows, tok: tah.Tokenizer, max_len: int, long_rows: str, run) -> dict:
     """Qwen3's chat format as its template writes it: the prompt up to "<|im_start|>assistant\\n",
-    then the scored response "<think>\\n...\\n</think>\\n\\n...<|im_end|>\\n" (one without a think
-    block gets an empty one). Rows over max_len tokens are cut (long_rows "truncate") or left out
-    ("drop"), as are rows whose prompt leaves nothing to score. 99/1 split, seed 42."""
+    the scored response "<think>\\n...\\n</think>\\n\\n...<|im_end|>\\n" (an empty think block if
+    none). Rows over max_len are cut or left out (long_rows), as are rows with nothing to score."""
     seqs, start, n = [], [], dict(read=0, cut=0, dropped=0, no_think=0)
     encode = partial(tok.tok.encode_batch, add_special_tokens=False)
     for chunk in iter(lambda: list(itertools.islice(rows, 1024)), []):  # batches: in parallel
@@ -286,9 +282,8 @@ def rows_with_hard_tokens(run, data: dict, labels, rows) -> torch.Tensor:
     return rows if keep else rows[hard]
 
 def chunked_ce(model, out: tah.Output, tgt: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the final logits against tgt (B, T), CE_CHUNK positions at a time,
-    each chunk's logits made from the passes' hidden states, upcast, dropped, and in training made
-    again in backward: no (T, V) tensor ever lives, neither the logits nor their gradients."""
+    """Summed cross-entropy against tgt (B, T) of the final logits, made CE_CHUNK positions at a
+    time from the passes' hidden states (in training again in backward): never a (T, V) tensor."""
     def ce(s: int) -> torch.Tensor:
         z = model.final_logits(out, s, s + CE_CHUNK).float()  # (B, chunk, V)
         return F.cross_entropy(z.flatten(0, 1), tgt[:, s:s + CE_CHUNK].flatten(), reduction="sum")
@@ -308,8 +303,8 @@ def lm_loss(model, b: dict, policy: str):
 
 def decider_loss(model, b: dict, pos_weight: float):
     """BCE of the decider's pass-1 logit against the oracle labels, averaged over each row's real
-    tokens (prompt positions are negatives) and summed over rows; train_step divides by the rows
-    of the step: every row weighs the same, as in the authors' loss. Pass 2 never runs."""
+    tokens (prompt positions negatives), summed over rows: train_step divides by the step's rows,
+    so every row weighs the same, as in the authors' loss. Pass 2 never runs."""
     logit = model(b["ids"], "standard", valid=b["valid"], logits="none").continue_logit.float()
     bce = F.binary_cross_entropy_with_logits(logit, (b["passes"] > 1).float(), reduction="none",
                                              pos_weight=logit.new_tensor(pos_weight))
@@ -585,9 +580,8 @@ def prune(run, base, data: dict) -> Path:
 
 @torch.no_grad()
 def evaluate(run, model, data: dict, labels, policy: str) -> dict:
-    """Over the held-out scored predictions: loss, next-token accuracy, the share that iterates
-    (iterating_all: of all tokens), accuracy per target kind (toy: easy = 1-hop, hard = 2-hop),
-    and the answers pass 2 fixed (pass-1 argmax wrong, final right) and broke (the reverse)."""
+    """Over the held-out scored predictions: loss, accuracy, share iterating (iterating_all: of all
+    tokens), accuracy per kind (toy: easy 1-hop, hard 2-hop), answers pass 2 fixed and broke."""
     s, held, bs = torch.zeros(14, dtype=torch.float64), data["held"], run.args.micro_batch
     for i in range(run.rank * bs, len(held), run.world * bs):  # this process's micro-batches
         b = make_batch(data, held[i:i + bs], labels, run.device)
@@ -611,8 +605,7 @@ def evaluate(run, model, data: dict, labels, policy: str) -> dict:
 
 def report(run, models: dict, data: dict, labels) -> dict:
     """Evaluates each model under its policies on the held-out rows (kept in eval.json); prints
-    the table (iter% = share of the scored predictions that iterate, all% = of all tokens) and
-    what pass 2 fixed and broke against pass 1."""
+    the table (iter%: scored predictions iterating, all%: all tokens), what pass 2 fixed, broke."""
     path, toy = run.out / "eval.json", run.args.size == "toy"
     res = json.loads(path.read_text()) if run.args.resume and path.exists() else {}
     for name, (model, policies) in models.items():
