@@ -768,7 +768,7 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         return Path(snapshot_download(name, allow_patterns=files))
     except Exception as e:
         raise OSError(f"could not get {name!r} from the hub ({type(e).__name__}: {e}). Offline? "
-                      f"`hf download {name} --local-dir DIR` online, then pass DIR") from None
+                      f"`hf download {name} --local-dir DIR`, then pass the directory") from None
 
 
 @contextmanager

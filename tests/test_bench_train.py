@@ -53,19 +53,19 @@ def test_seeds_run_each_seed_in_its_folder(tmp_path, capsys):
 
 def test_peak_memory_estimate_matches_the_rehearsal():
     """At the true Qwen3-0.6B shape with its published LoRA, the estimator reproduces the peak
-    resident memory that the CPU rehearsal (bench/realsize.py --tokenizer DIR) measured for one
-    fp32 stage-1 step (GiB, at 128/256/512 tokens, and 768 tokens, which the fit did not see)
-    within 3%; bf16 autocast costs more per parameter (weight copies) and less per token, and
+    memory that the CPU rehearsal (bench/realsize.py --tokenizer DIR) measured for one stage-1
+    step (GiB, resident memory less the 0.59 GiB the process held before the model) within 2%,
+    under bf16 autocast at 256-1024 tokens and at 2048, which the fit did not see, and in fp32;
     AdamW's update is a floor."""
     config, parts = tah.Qwen3Config(), tah.TaHConfig(lora_r=16, lora_alpha=32)
-    for tokens, measured in [(128, 12.96), (256, 13.17), (512, 13.59), (768, 13.98)]:
+    for tokens, measured in [(256, 12.18), (1024, 12.83)]:  # fp32
         gib = realsize.peak_memory_bytes(config, parts, tokens, 1, torch.float32) / 2**30
-        assert gib == pytest.approx(measured, rel=0.03), tokens
-    for tokens, measured in [(128, 12.50), (512, 12.90)]:  # the bf16 autocast runs
+        assert gib == pytest.approx(measured, rel=0.02), tokens
+    for tokens, measured in [(256, 11.70), (512, 11.84), (1024, 12.12), (2048, 12.65)]:  # bf16
         gib = realsize.peak_memory_bytes(config, parts, tokens, 1, torch.bfloat16) / 2**30
-        assert gib == pytest.approx(measured, rel=0.03), tokens
-    long = realsize.peak_memory_bytes(config, parts, 4096, 1, torch.bfloat16) / 2**30
-    assert 18 < long < 22  # the README's "~20 GiB at 4096 tokens" for 0.6b
+        assert gib == pytest.approx(measured, rel=0.02), tokens
+    long = realsize.peak_memory_bytes(config, parts, 8192, 1, torch.bfloat16) / 2**30
+    assert 15 < long < 17  # the README's "16.0 GiB at 8192 tokens" for 0.6b
     small = tah.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                             num_attention_heads=1, num_key_value_heads=1, head_dim=8)
     n = sum(p.numel() for p in tah.TaH(small, parts).parameters())
@@ -89,5 +89,5 @@ def test_memory_table_is_the_estimate(capsys):
     for name, lora in (("0.6b", 16), ("1.7b", 32)):
         config, parts = realsize.SHAPES[name], tah.TaHConfig(lora_r=lora, lora_alpha=2 * lora)
         cells = [f"{realsize.peak_memory_bytes(config, parts, T, 1, torch.bfloat16) / 2**30:.1f}"
-                 for T in (4096, 8192)]
-        assert rows[name][-2:] == cells
+                 for T in (4096, 8192, 10000)]
+        assert rows[name][-3:] == cells
