@@ -339,14 +339,14 @@ class TaH(nn.Module):
         values, ids = torch.cat([t.values for t in tops]), torch.cat([t.indices for t in tops])
         return values.view(B, T, k), ids.view(B, T, k)
 
-    def topk_at(self, idx: torch.Tensor, passes: list[torch.Tensor], top=None,
+    def topk_at(self, idx: torch.Tensor, passes: list[torch.Tensor], z1=None,
                 k: int | None = None) -> tuple[torch.Tensor, ...]:
         """Top-k values and ids (B, T_d, k) of the logits so far, z1 + z2 + ..., at the positions
-        idx (B, T_d): from `top`, pass 1's top-k of every position, when given; else made here
-        from lm_head(h1 + h2 + ...) (the same logits: the head is linear), in chunks."""
+        idx (B, T_d): from z1 (B, T, V) where the forward made it whole, else made here from
+        lm_head(h1 + h2 + ...) (the same logits: the head is linear), in chunks."""
         k, rows = k or self.tah.input_topk, torch.arange(len(idx), device=idx.device)[:, None]
-        if top is not None:
-            return tuple(t[rows, idx, :k] for t in top)
+        if z1 is not None:
+            return z1[rows, idx].topk(k, dim=-1)
         return self.head_topk(sum(p[rows, idx] for p in passes), k)
 
     def add_logit_residual(self, z: torch.Tensor, out: Output, start: int,
@@ -415,13 +415,11 @@ class TaH(nn.Module):
         h = kept[L] = self.model.norm(x)  # (B, T, H): hidden-state index L, the final norm's
         hidden = [kept[i] for i in range(L + 1)] if output_hidden_states else None
         z = self.lm_head(h[:, T - n:])  # z1 (B, n, V) of the positions whose logits are returned
-        top = None  # pass 1's top-k at every position, made for the decider or free from z
-        if use_decider or n == T and not (named and policy == "standard"):  # (soft tokens reuse it)
-            k = max(self.tah.input_topk, self.tah.decider_topk if use_decider else 0)
-            top = z.topk(k, dim=-1) if n == T else self.head_topk(h, k)
+        whole = z if n == T else None  # z1 of every position, if made: top-k from it needs no head
 
-        # decide: the decider (or the policy) picks the hard tokens
-        continue_logit = self.decider(kept, top[0]) if use_decider else None
+        # decide: the decider (or the policy) picks the hard tokens; the decider reads top-k logits
+        continue_logit = self.decider(kept, whole if whole is not None else self.head_topk(
+            h, self.tah.decider_topk)[0]) if use_decider else None
         iter_count = valid.long()
         active = self._decide(policy, 1, continue_logit, threshold, valid)
         passes = [h]
@@ -433,7 +431,7 @@ class TaH(nn.Module):
             iter_count = iter_count + active.long()
             idx, q_valid = hard_first(active)  # (B, T_d) each
             # the soft token: the top-k of the logits so far at these tokens, mixing embedding rows
-            x = self.mix_embeddings(*self.topk_at(idx, passes, top if depth == 2 else None))
+            x = self.mix_embeddings(*self.topk_at(idx, passes, whole if depth == 2 else None))
             view = keys.at_depth(depth, positions[rows, idx], q_valid, slots[rows, idx])
             x, kept_d = self._pass(x, view, keep if depth < max_iter else set())
             h_d = self.model.norm(x).masked_fill(~q_valid[..., None], 0.0)  # (B, T_d, H)
