@@ -348,17 +348,11 @@ def keys_example(toy: Path = TOY) -> tuple[tah.Keys, torch.Tensor]:
     positions, slots = (valid.cumsum(1) - 1).clamp(min=0), torch.arange(T).expand(B, T)
     keys, rows = tah.Keys(model.config, None, end=T), torch.arange(B)[:, None]
     idx, q_valid = tah.hard_first(active)
-
-    def layers(x, view, lora):  # every layer at one depth; each hands its keys to Keys.update
-        for layer in model.model.layers:
-            x = layer(x, view, lora)
-        return x
-
-    with torch.no_grad():
-        x = layers(model.model.embed_tokens(ids), keys.at_depth(1, positions, valid, slots), False)
+    with torch.no_grad():  # TaH._pass: every layer at one depth, each handing its keys to Keys
+        x, _ = model._pass(model.model.embed_tokens(ids), keys.at_depth(1, positions, valid, slots))
         z1 = model.lm_head(model.model.norm(x))  # (B, T, V)
         view2 = keys.at_depth(2, positions.gather(1, idx), q_valid, slots.gather(1, idx))
-        layers(model.soft_token(z1[rows, idx]), view2, True)
+        model._pass(model.soft_token(z1[rows, idx]), view2)
     return keys, view2.mask
 
 
